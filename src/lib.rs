@@ -1,0 +1,1 @@
+//! dirtyvm: a minimal KVM VMM that tracks, measures and limits guest dirty rates.
