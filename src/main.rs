@@ -1,1 +1,410 @@
-fn main() {}
+//! `dirtyvm`: the command-line launcher. Thin: parses, builds, prints.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use serde::Serialize;
+
+use dirtyvm::guest::{self, GuestStats, Workload};
+use dirtyvm::report::{pages_to_mibps, Report, VcpuReport};
+use dirtyvm::vcpu::{Stop, StopReason};
+use dirtyvm::vmm::{self, Machine, VmConfig, VmmError};
+use dirtyvm::{sched, sys};
+
+const ABOUT: &str = "A minimal KVM VMM that tracks, measures and limits how fast vCPUs dirty \
+                     guest memory.";
+
+const LONG_ABOUT: &str = "\
+A minimal KVM VMM that tracks, measures and limits how fast vCPUs dirty guest memory.
+
+Each vCPU runs a tiny built-in guest program (a writer, a reader, or idle) whose own counters are
+the ground truth every measurement is judged against.
+
+Without a command, runs the demo.
+
+Exit codes: 0 success, 2 bad usage or input, 3 KVM unavailable or lacking a needed capability,
+1 any other failure.";
+
+#[derive(Debug, Parser)]
+#[command(name = "dirtyvm", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The showcase scenario: a writer and a reader vCPU side by side (the default command).
+    Demo,
+    /// Print this host's KVM facts and capabilities.
+    Probe {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot a VM with built-in workloads and report what they did.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_long_help = "\
+Workload SPEC (the i-th --workload applies to vCPU i; vCPUs without one are idle):
+  write:SIZE[@MIBPS]         write one byte per 4 KiB page, sequentially over SIZE,
+                             optionally paced to MIBPS
+  random-write:SIZE[@MIBPS]  the same in a pseudo-random page order (every page once per pass)
+  read:SIZE                  read one word per page, sequentially over SIZE
+  idle                       halt
+SIZE is bytes with an optional binary K, M or G suffix, a multiple of 4K. Each vCPU works in its
+own region of guest memory, so the working sets together must fit in --memory.
+
+Example:
+  dirtyvm run --vcpus 2 --memory 256M --workload write:64M --workload read:64M \\
+      --duration 3 --report r.json")]
+struct RunArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    vcpus: u32,
+    /// Guest memory: bytes with an optional K, M or G (binary) suffix.
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_memory)]
+    memory: u64,
+    /// Workload of the next vCPU (repeatable): write:SIZE[@MIBPS], random-write:SIZE[@MIBPS],
+    /// read:SIZE or idle.
+    #[arg(long = "workload", value_name = "SPEC")]
+    workloads: Vec<Workload>,
+    /// Stop after this many seconds (otherwise run until SIGINT or SIGTERM).
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Write a JSON report here at exit.
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+}
+
+fn parse_memory(text: &str) -> Result<u64, String> {
+    guest::parse_size(text).map_err(|e| e.to_string())
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs <= 1e9 => {
+            Ok(Duration::from_secs_f64(secs))
+        }
+        _ => Err(format!("'{text}' is not a positive number of seconds")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Demo) {
+        Command::Demo => run(demo_args()),
+        Command::Probe { json } => probe(json),
+        Command::Run(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, message }) => {
+            eprintln!("dirtyvm: error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// A failed command: the message for stderr and the exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<VmmError> for Failure {
+    fn from(e: VmmError) -> Failure {
+        Failure {
+            code: e.exit_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn demo_args() -> RunArgs {
+    RunArgs {
+        vcpus: 2,
+        memory: 256 << 20,
+        workloads: vec![
+            Workload::Write {
+                bytes: 64 << 20,
+                mibps: None,
+            },
+            Workload::Read { bytes: 64 << 20 },
+        ],
+        duration: Some(Duration::from_secs(5)),
+        report: None,
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), Failure> {
+    // Block SIGINT and SIGTERM before any thread exists, so every thread inherits the mask
+    // and only the waiter below receives them: a signal becomes an orderly stop.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block().map_err(|e| Failure {
+        code: 1,
+        message: format!("blocking SIGINT/SIGTERM: {e}"),
+    })?;
+
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        memory: args.memory,
+        workloads: args.workloads,
+    };
+    let machine = Machine::boot(&config)?;
+    spawn_signal_waiter(signals, machine.stop().clone());
+
+    println!(
+        "dirtyvm: {} vCPUs, {} guest memory, dirty log none; {}",
+        config.vcpus,
+        guest::Size(config.memory),
+        match args.duration {
+            Some(d) => format!("running for {:.1} s", d.as_secs_f64()),
+            None => "running until Ctrl-C".to_string(),
+        }
+    );
+    let reason = watch(&machine, args.duration);
+    let stats = machine.guest_stats();
+    let elapsed = machine.started().elapsed().as_secs_f64();
+    let report = build_report(&machine, &stats, elapsed, &reason);
+    machine.shutdown();
+
+    print_summary(&report);
+    if let Some(path) = &args.report {
+        report.write(path).map_err(|e| Failure {
+            code: 1,
+            message: format!("writing the report to {}: {e}", path.display()),
+        })?;
+        println!("report written to {}", path.display());
+    }
+    match reason {
+        StopReason::VcpuFailed { .. } => Err(Failure {
+            code: 1,
+            message: reason.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn spawn_signal_waiter(signals: SigSet, stop: Arc<Stop>) {
+    // Never joined: it waits in sigwait for the life of the process.
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                stop.request(StopReason::Signal(signal.as_str()));
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("dirtyvm: warning: no signal handling thread ({e}); stop with SIGKILL");
+    }
+}
+
+/// Prints one progress line per vCPU each second until the run stops; returns why.
+fn watch(machine: &Machine, duration: Option<Duration>) -> StopReason {
+    let deadline = duration.map(|d| machine.started() + d);
+    let mut last = machine.guest_stats();
+    let mut last_at = Instant::now();
+    println!(
+        "{:>7}  {:>4}  {:<24} {:>14} {:>14}",
+        "time", "vcpu", "workload", "written MiB/s", "read MiB/s"
+    );
+    loop {
+        let now = Instant::now();
+        let wait = match deadline {
+            Some(d) if d <= now => return machine.stop().reason().unwrap_or(StopReason::Duration),
+            Some(d) => (d - now).min(Duration::from_secs(1)),
+            None => Duration::from_secs(1),
+        };
+        if let Some(reason) = machine.stop().wait_timeout(wait) {
+            return reason;
+        }
+        let stats = machine.guest_stats();
+        let secs = last_at.elapsed().as_secs_f64();
+        last_at = Instant::now();
+        let t = machine.started().elapsed().as_secs_f64();
+        for (plan, (now, before)) in machine.layout().vcpus().iter().zip(stats.iter().zip(&last)) {
+            println!(
+                "{:>6.1}s  {:>4}  {:<24} {:>14.1} {:>14.1}",
+                t,
+                plan.id,
+                plan.workload.to_string(),
+                pages_to_mibps(now.pages_written - before.pages_written, secs),
+                pages_to_mibps(now.pages_read - before.pages_read, secs),
+            );
+        }
+        let _ = std::io::stdout().flush();
+        last = stats;
+    }
+}
+
+fn build_report(
+    machine: &Machine,
+    stats: &[GuestStats],
+    elapsed: f64,
+    reason: &StopReason,
+) -> Report {
+    let vcpus = machine
+        .layout()
+        .vcpus()
+        .iter()
+        .zip(stats)
+        .zip(machine.vcpus())
+        .map(|((plan, s), thread)| VcpuReport {
+            id: plan.id,
+            workload: plan.workload.to_string(),
+            pages_written: s.pages_written,
+            pages_read: s.pages_read,
+            passes: s.passes,
+            written_mibps: pages_to_mibps(s.pages_written, elapsed),
+            read_mibps: pages_to_mibps(s.pages_read, elapsed),
+            dirty_pages_harvested: 0,
+            ring_full_exits: 0,
+            penalty_ms_total: 0.0,
+            hlt_exits: thread.control().exits.hlt.load(Ordering::Relaxed),
+            kicks: thread.control().exits.interrupted.load(Ordering::Relaxed),
+        })
+        .collect();
+    Report {
+        version: env!("CARGO_PKG_VERSION"),
+        duration_s: elapsed,
+        stop_reason: reason.to_string(),
+        dirty_log: "none",
+        ring_entries: None,
+        memory_bytes: machine.layout().memory(),
+        tsc_khz: machine.tsc_khz(),
+        vcpus,
+    }
+}
+
+fn print_summary(report: &Report) {
+    println!(
+        "\nstopped after {:.2} s ({})",
+        report.duration_s, report.stop_reason
+    );
+    println!(
+        "{:>4}  {:<24} {:>14} {:>14} {:>8} {:>14} {:>14}",
+        "vcpu", "workload", "pages written", "pages read", "passes", "written MiB/s", "read MiB/s"
+    );
+    for v in &report.vcpus {
+        println!(
+            "{:>4}  {:<24} {:>14} {:>14} {:>8} {:>14.1} {:>14.1}",
+            v.id,
+            v.workload,
+            v.pages_written,
+            v.pages_read,
+            v.passes,
+            v.written_mibps,
+            v.read_mibps
+        );
+    }
+}
+
+/// Host KVM facts, as `probe` prints them.
+#[derive(Debug, Serialize)]
+struct Probe {
+    api_version: i32,
+    nr_vcpus: i32,
+    max_vcpus: u32,
+    nr_memslots: i32,
+    immediate_exit: bool,
+    dirty_log_ring_max_bytes: i32,
+    dirty_log_ring_acq_rel_max_bytes: i32,
+    dirty_log_ring_max_entries: i32,
+    dirty_log_ring_with_bitmap: bool,
+    manual_dirty_log_protect2_flags: i32,
+    sched_fifo: String,
+    guest_instructions_per_second: f64,
+}
+
+fn probe(json: bool) -> Result<(), Failure> {
+    let kvm = vmm::open_kvm()?;
+    let ring = kvm.check_extension(sys::KVM_CAP_DIRTY_LOG_RING);
+    let ring_acq_rel = kvm.check_extension(sys::KVM_CAP_DIRTY_LOG_RING_ACQ_REL);
+    let fifo = std::thread::spawn(|| match sched::set_current_thread_fifo(1) {
+        Ok(_) => "permitted".to_string(),
+        Err(e) => format!("refused ({e})"),
+    })
+    .join()
+    .unwrap_or_else(|_| "unknown".into());
+    let facts = Probe {
+        api_version: sys::KVM_API_VERSION,
+        nr_vcpus: kvm.check_extension(sys::KVM_CAP_NR_VCPUS),
+        max_vcpus: vmm::max_vcpus(&kvm),
+        nr_memslots: kvm.check_extension(sys::KVM_CAP_NR_MEMSLOTS),
+        immediate_exit: kvm.check_extension(sys::KVM_CAP_IMMEDIATE_EXIT) > 0,
+        dirty_log_ring_max_bytes: ring,
+        dirty_log_ring_acq_rel_max_bytes: ring_acq_rel,
+        dirty_log_ring_max_entries: ring.max(ring_acq_rel) / 16,
+        dirty_log_ring_with_bitmap: kvm.check_extension(sys::KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+            > 0,
+        manual_dirty_log_protect2_flags: kvm
+            .check_extension(sys::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
+        sched_fifo: fifo,
+        guest_instructions_per_second: vmm::measure_instruction_rate(&kvm, 1_000_000)?,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&facts).expect("plain data serializes")
+        );
+        return Ok(());
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    println!("KVM API version                  {}", facts.api_version);
+    println!(
+        "vCPUs per VM                     {} recommended, {} maximum",
+        facts.nr_vcpus, facts.max_vcpus
+    );
+    println!("memory slots                     {}", facts.nr_memslots);
+    println!(
+        "immediate_exit                   {}",
+        yes_no(facts.immediate_exit)
+    );
+    println!(
+        "dirty ring (cap 192)             {}",
+        ring_text(facts.dirty_log_ring_max_bytes)
+    );
+    println!(
+        "dirty ring ACQ_REL (cap 223)     {}",
+        ring_text(facts.dirty_log_ring_acq_rel_max_bytes)
+    );
+    println!(
+        "dirty ring with bitmap (225)     {}",
+        yes_no(facts.dirty_log_ring_with_bitmap)
+    );
+    println!(
+        "manual dirty log protect2 (168)  {}",
+        match facts.manual_dirty_log_protect2_flags {
+            0 => "no".to_string(),
+            f => format!(
+                "flags {f:#x} (CLEAR_DIRTY_LOG{})",
+                if f & 2 != 0 { ", INITIALLY_SET" } else { "" }
+            ),
+        }
+    );
+    println!("SCHED_FIFO                       {}", facts.sched_fifo);
+    println!(
+        "guest instruction rate           {:.2} M/s per vCPU",
+        facts.guest_instructions_per_second / 1e6
+    );
+    Ok(())
+}
+
+fn ring_text(bytes: i32) -> String {
+    if bytes <= 0 {
+        "not supported".into()
+    } else {
+        format!("up to {} bytes = {} entries", bytes, bytes / 16)
+    }
+}

@@ -1,0 +1,82 @@
+//! Guest memory: anonymous host mappings that KVM maps into the guest.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::Arc;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use super::PAGE_SIZE;
+
+/// Host memory backing a guest memory slot. Cloning shares the mapping.
+///
+/// The guest (through the kernel) writes this memory at any time, so the host sees it only
+/// as atomics: [`GuestMemory::bytes`] and [`GuestMemory::words`].
+#[derive(Debug, Clone)]
+pub struct GuestMemory {
+    map: Arc<MmapRaw>,
+}
+
+impl GuestMemory {
+    /// Maps `size` bytes (a whole number of pages) of zeroed anonymous memory without reserving
+    /// swap: a page costs host memory only once the guest or the host touches it.
+    pub fn new(size: usize) -> io::Result<GuestMemory> {
+        if size == 0 || !(size as u64).is_multiple_of(PAGE_SIZE) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest memory size {size} is not a positive multiple of {PAGE_SIZE}"),
+            ));
+        }
+        let map = MmapOptions::new().len(size).no_reserve_swap().map_anon()?;
+        Ok(GuestMemory {
+            map: Arc::new(MmapRaw::from(map)),
+        })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Never true: guest memory has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// Host virtual address of the first byte, for `KVM_SET_USER_MEMORY_REGION`.
+    pub(super) fn host_addr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// The memory as bytes.
+    pub fn bytes(&self) -> &[AtomicU8] {
+        // SAFETY: the mapping is valid for `len` bytes for as long as `self` holds its Arc;
+        // AtomicU8 has the layout of u8, and every host access goes through these atomics
+        // while the guest and kernel write concurrently, so there is no unsynchronized
+        // non-atomic access from this side.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU8>(), self.len()) }
+    }
+
+    /// The memory as 64-bit words (the mapping is page-aligned).
+    pub fn words(&self) -> &[AtomicU64] {
+        // SAFETY: as for `bytes`; the mapping is page-aligned, so aligned for AtomicU64, and
+        // its length is a multiple of the page size, so of 8.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU64>(), self.len() / 8) }
+    }
+
+    /// Copies `data` to `offset` (used to lay out the guest before it runs).
+    ///
+    /// # Panics
+    /// If the range is outside the memory: callers place guest structures at fixed offsets.
+    pub fn write(&self, offset: usize, data: &[u8]) {
+        for (byte, &value) in self.bytes()[offset..offset + data.len()].iter().zip(data) {
+            byte.store(value, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Stores the little-endian u64 `value` at the 8-aligned `offset`.
+    pub fn write_u64(&self, offset: usize, value: u64) {
+        assert_eq!(offset % 8, 0, "unaligned guest word");
+        self.words()[offset / 8].store(value, std::sync::atomic::Ordering::Relaxed);
+    }
+}

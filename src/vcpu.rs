@@ -1,0 +1,217 @@
+//! vCPU threads: one per vCPU, running `KVM_RUN` in a loop, and the kick that makes a vCPU
+//! leave `KVM_RUN` promptly (set `immediate_exit`, then signal the thread: the flag closes
+//! the race where the signal lands just before `KVM_RUN` is entered).
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::Duration;
+
+use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
+
+use crate::kvm::{ImmediateExit, Vcpu, VcpuExit, KICK_SIGNAL};
+
+/// Why the VM is stopping. The first reason given wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// `--duration` elapsed.
+    Duration,
+    /// SIGINT or SIGTERM.
+    Signal(&'static str),
+    /// A client asked to quit.
+    Quit,
+    /// A vCPU hit an exit it cannot continue from.
+    VcpuFailed { id: u32, error: String },
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::Duration => f.write_str("duration elapsed"),
+            StopReason::Signal(name) => write!(f, "{name} received"),
+            StopReason::Quit => f.write_str("quit requested"),
+            StopReason::VcpuFailed { id, error } => write!(f, "vCPU {id} failed: {error}"),
+        }
+    }
+}
+
+/// The VM-wide stop request: set once, waited on by the launcher.
+#[derive(Debug, Default)]
+pub struct Stop {
+    reason: Mutex<Option<StopReason>>,
+    changed: Condvar,
+}
+
+impl Stop {
+    /// Requests a stop; a later request does not replace the first reason.
+    pub fn request(&self, reason: StopReason) {
+        let mut current = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        current.get_or_insert(reason);
+        self.changed.notify_all();
+    }
+
+    /// The stop reason, if a stop was requested.
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits up to `timeout` for a stop request.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<StopReason> {
+        let current = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let (current, _) = self
+            .changed
+            .wait_timeout_while(current, timeout, |r| r.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        current.clone()
+    }
+}
+
+/// Exit counters of one vCPU.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// `hlt` exits.
+    pub hlt: AtomicU64,
+    /// Kicks and signals (`EINTR`).
+    pub interrupted: AtomicU64,
+}
+
+/// The shared side of a vCPU thread: how other threads kick and stop it.
+#[derive(Debug)]
+pub struct VcpuControl {
+    id: u32,
+    stop: AtomicBool,
+    immediate_exit: ImmediateExit,
+    /// The running thread, registered while its run loop is live so a kick never signals a
+    /// thread that has exited.
+    thread: Mutex<Option<(Pthread, Thread)>>,
+    /// Exit counters.
+    pub exits: ExitCounters,
+}
+
+impl VcpuControl {
+    /// The vCPU id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Makes the vCPU leave `KVM_RUN` (or its halt) and look at its requests.
+    pub fn kick(&self) {
+        self.immediate_exit.set();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((pthread, handle)) = thread.as_ref() {
+            // The thread is registered, so it is alive: the signal cannot hit a reused id.
+            let _ = pthread_kill(*pthread, KICK_SIGNAL);
+            handle.unpark();
+        }
+    }
+
+    /// Asks the vCPU thread to leave its run loop.
+    pub fn request_stop(&self) {
+        // Release: pairs with the Acquire load at the top of the run loop.
+        self.stop.store(true, Ordering::Release);
+        self.kick();
+    }
+
+    fn stop_requested(&self) -> bool {
+        // Acquire: pairs with the Release store in `request_stop`.
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// A running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuThread {
+    control: Arc<VcpuControl>,
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Starts a thread running `vcpu`; a fatal exit requests a VM stop through `stop`.
+    pub fn spawn(vcpu: Vcpu, stop: Arc<Stop>) -> io::Result<VcpuThread> {
+        let control = Arc::new(VcpuControl {
+            id: vcpu.id(),
+            stop: AtomicBool::new(false),
+            immediate_exit: vcpu.immediate_exit(),
+            thread: Mutex::new(None),
+            exits: ExitCounters::default(),
+        });
+        let shared = control.clone();
+        let handle = thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.id()))
+            .spawn(move || {
+                let id = vcpu.id();
+                if let Err(error) = run_loop(vcpu, &shared) {
+                    stop.request(StopReason::VcpuFailed {
+                        id,
+                        error: error.to_string(),
+                    });
+                }
+            })?;
+        Ok(VcpuThread { control, handle })
+    }
+
+    /// The shared control block.
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn stop_and_join(self) {
+        self.control.request_stop();
+        // A panic in the run loop is a bug; surface it rather than hiding it.
+        if let Err(panic) = self.handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Why a vCPU could not go on.
+#[derive(Debug)]
+pub enum VcpuError {
+    /// `KVM_RUN` failed.
+    Run(io::Error),
+    /// The guest did something the built-in programs never do.
+    UnexpectedExit(VcpuExit),
+}
+
+impl fmt::Display for VcpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VcpuError::Run(e) => write!(f, "KVM_RUN failed: {e}"),
+            VcpuError::UnexpectedExit(exit) => write!(f, "unexpected exit {exit:?}"),
+        }
+    }
+}
+
+fn run_loop(mut vcpu: Vcpu, control: &VcpuControl) -> Result<(), VcpuError> {
+    *control.thread.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((pthread_self(), thread::current()));
+    let result = loop {
+        if control.stop_requested() {
+            break Ok(());
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::Interrupted) => {
+                control.immediate_exit.clear();
+                control.exits.interrupted.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(VcpuExit::Hlt) => {
+                control.exits.hlt.fetch_add(1, Ordering::Relaxed);
+                // Halted with no interrupt to wait for: sleep until kicked. A kick that came
+                // before this point left an unpark token, so nothing is missed.
+                if !control.stop_requested() {
+                    thread::park();
+                }
+            }
+            Ok(exit) => break Err(VcpuError::UnexpectedExit(exit)),
+            Err(e) => break Err(VcpuError::Run(e)),
+        }
+    };
+    *control.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    result
+}

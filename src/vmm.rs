@@ -1,0 +1,293 @@
+//! The VMM core: brings up a VM with the built-in guest, runs one thread per vCPU, and reads
+//! the guest's ground-truth counters.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dirtyvm_sys as sys;
+
+use crate::guest::{self, GuestStats, Layout, LayoutError, Workload};
+use crate::kvm::{self, GuestMemory, Kvm, Vcpu, Vm};
+use crate::vcpu::{Stop, VcpuThread};
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Workload of vCPU i; vCPUs beyond the list are idle.
+    pub workloads: Vec<Workload>,
+}
+
+/// Why a VM could not be built or run. [`VmmError::exit_code`] maps it to the CLI's codes.
+#[derive(Debug)]
+pub enum VmmError {
+    /// `/dev/kvm` cannot be opened or is unusable.
+    KvmUnavailable(io::Error),
+    /// The host's KVM lacks something dirtyvm needs.
+    MissingCapability(String),
+    /// The configuration cannot work (bad size, too many vCPUs, ...).
+    BadConfig(String),
+    /// A KVM or host call failed while setting up or running.
+    Io { what: String, error: io::Error },
+}
+
+impl VmmError {
+    /// Exit code: 2 bad input, 3 KVM unavailable or lacking, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            VmmError::BadConfig(_) => 2,
+            VmmError::KvmUnavailable(_) | VmmError::MissingCapability(_) => 3,
+            VmmError::Io { .. } => 1,
+        }
+    }
+
+    fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> VmmError {
+        let what = what.into();
+        move |error| VmmError::Io { what, error }
+    }
+}
+
+impl fmt::Display for VmmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmmError::KvmUnavailable(e) => write!(
+                f,
+                "cannot use /dev/kvm: {e}; dirtyvm needs Linux with KVM and read-write access \
+                 to /dev/kvm (load kvm_intel or kvm_amd, or run as a user in the kvm group)"
+            ),
+            VmmError::MissingCapability(what) => write!(f, "this host's KVM {what}"),
+            VmmError::BadConfig(what) => f.write_str(what),
+            VmmError::Io { what, error } => write!(f, "{what} failed: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for VmmError {}
+
+impl From<LayoutError> for VmmError {
+    fn from(e: LayoutError) -> VmmError {
+        VmmError::BadConfig(e.to_string())
+    }
+}
+
+/// Opens `/dev/kvm`, mapping failure to [`VmmError::KvmUnavailable`].
+pub fn open_kvm() -> Result<Kvm, VmmError> {
+    Kvm::open().map_err(VmmError::KvmUnavailable)
+}
+
+/// The most vCPUs the host's KVM accepts in one VM.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    // api.rst: without KVM_CAP_MAX_VCPUS use KVM_CAP_NR_VCPUS, and without that assume 4.
+    [sys::KVM_CAP_MAX_VCPUS, sys::KVM_CAP_NR_VCPUS]
+        .into_iter()
+        .map(|cap| kvm.check_extension(cap))
+        .find(|&n| n > 0)
+        .map_or(4, |n| n as u32)
+}
+
+/// Creates a VM with the system slot laid out for `layout` and an untracked RAM slot.
+fn create_vm(kvm: &Kvm, layout: &Layout) -> Result<Vm, VmmError> {
+    for (cap, name) in [
+        (sys::KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
+        (sys::KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
+        (sys::KVM_CAP_GET_TSC_KHZ, "KVM_CAP_GET_TSC_KHZ"),
+    ] {
+        if kvm.check_extension(cap) <= 0 {
+            return Err(VmmError::MissingCapability(format!("lacks {name}")));
+        }
+    }
+    let mut vm = kvm.create_vm().map_err(VmmError::io("KVM_CREATE_VM"))?;
+    vm.set_tss_addr(guest::TSS_ADDR)
+        .map_err(VmmError::io("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_addr(guest::IDENTITY_MAP_ADDR)
+        .map_err(VmmError::io("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    let system = vm
+        .add_memory_slot(
+            guest::SYSTEM_SLOT,
+            0,
+            guest::SYSTEM_SIZE as usize,
+            sys::MemoryRegionFlags::empty(),
+        )
+        .map_err(VmmError::io("mapping the system memory slot"))?;
+    layout.write_system(&system.memory);
+    vm.add_memory_slot(
+        guest::RAM_SLOT,
+        guest::RAM_BASE,
+        layout.memory() as usize,
+        sys::MemoryRegionFlags::empty(),
+    )
+    .map_err(VmmError::io(format!(
+        "mapping {} of guest memory",
+        guest::Size(layout.memory())
+    )))?;
+    Ok(vm)
+}
+
+/// Creates vCPU `id` in flat long mode with `regs` (given the guest TSC frequency in kHz);
+/// returns it with that frequency.
+fn create_vcpu(
+    vm: &Vm,
+    layout: &Layout,
+    cpuid: &sys::CpuidBuf<{ kvm::CPUID_ENTRIES }>,
+    id: u32,
+    regs: impl FnOnce(u32) -> sys::kvm_regs,
+) -> Result<(Vcpu, u32), VmmError> {
+    let what = |call: &str| format!("{call} on vCPU {id}");
+    let vcpu = vm
+        .create_vcpu(id)
+        .map_err(VmmError::io(what("KVM_CREATE_VCPU")))?;
+    vcpu.set_cpuid(cpuid)
+        .map_err(VmmError::io(what("KVM_SET_CPUID2")))?;
+    let sregs = vcpu.sregs().map_err(VmmError::io(what("KVM_GET_SREGS")))?;
+    vcpu.set_sregs(&layout.sregs(sregs))
+        .map_err(VmmError::io(what("KVM_SET_SREGS")))?;
+    let tsc_khz = vcpu
+        .tsc_khz()
+        .map_err(VmmError::io(what("KVM_GET_TSC_KHZ")))?;
+    vcpu.set_regs(&regs(tsc_khz))
+        .map_err(VmmError::io(what("KVM_SET_REGS")))?;
+    Ok((vcpu, tsc_khz))
+}
+
+/// A running VM: the KVM objects, the guest layout and the vCPU threads.
+#[derive(Debug)]
+pub struct Machine {
+    vcpus: Vec<VcpuThread>,
+    vm: Vm,
+    layout: Layout,
+    stop: Arc<Stop>,
+    started: Instant,
+    tsc_khz: u32,
+}
+
+impl Machine {
+    /// Boots `config` and starts every vCPU.
+    pub fn boot(config: &VmConfig) -> Result<Machine, VmmError> {
+        let layout = Layout::new(config.vcpus, config.memory, &config.workloads)?;
+        let kvm = open_kvm()?;
+        let max = max_vcpus(&kvm);
+        if config.vcpus > max {
+            return Err(VmmError::BadConfig(format!(
+                "--vcpus {} is above this host's KVM limit of {max} vCPUs per VM",
+                config.vcpus
+            )));
+        }
+        let vm = create_vm(&kvm, &layout)?;
+        let cpuid = kvm
+            .supported_cpuid()
+            .map_err(VmmError::io("KVM_GET_SUPPORTED_CPUID"))?;
+        kvm::install_kick_handler()
+            .map_err(|e| VmmError::io("installing the vCPU kick handler")(e.into()))?;
+        let (vcpus, tsc_khz): (Vec<_>, Vec<_>) = (0..config.vcpus)
+            .map(|id| create_vcpu(&vm, &layout, &cpuid, id, |khz| layout.regs(id, khz)))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        let stop = Arc::new(Stop::default());
+        let started = Instant::now();
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            match VcpuThread::spawn(vcpu, stop.clone()) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    threads.into_iter().for_each(VcpuThread::stop_and_join);
+                    return Err(VmmError::io("spawning a vCPU thread")(e));
+                }
+            }
+        }
+        Ok(Machine {
+            vcpus: threads,
+            vm,
+            layout,
+            stop,
+            started,
+            tsc_khz: tsc_khz[0],
+        })
+    }
+
+    /// The guest layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The VM-wide stop request, shared with the vCPU threads.
+    pub fn stop(&self) -> &Arc<Stop> {
+        &self.stop
+    }
+
+    /// When the vCPUs were started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The guest TSC frequency in kHz (what paced workloads count against).
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// The vCPU threads, by id.
+    pub fn vcpus(&self) -> &[VcpuThread] {
+        &self.vcpus
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestMemory {
+        &self
+            .vm
+            .slot(guest::RAM_SLOT)
+            .expect("RAM slot exists")
+            .memory
+    }
+
+    /// Ground-truth counters of every vCPU, by id.
+    pub fn guest_stats(&self) -> Vec<GuestStats> {
+        let system = &self
+            .vm
+            .slot(guest::SYSTEM_SLOT)
+            .expect("system slot exists")
+            .memory;
+        (0..self.layout.vcpus().len() as u32)
+            .map(|id| GuestStats::read(system, id))
+            .collect()
+    }
+
+    /// Stops every vCPU thread and joins it.
+    pub fn shutdown(self) {
+        for vcpu in &self.vcpus {
+            vcpu.control().request_stop();
+        }
+        self.vcpus.into_iter().for_each(VcpuThread::stop_and_join);
+    }
+}
+
+/// Runs [`guest::programs::COUNTDOWN`] on one vCPU and returns guest instructions per second.
+pub fn measure_instruction_rate(kvm: &Kvm, iterations: u64) -> Result<f64, VmmError> {
+    let layout = Layout::new(1, 2 << 20, &[])?;
+    let vm = create_vm(kvm, &layout)?;
+    let cpuid = kvm
+        .supported_cpuid()
+        .map_err(VmmError::io("KVM_GET_SUPPORTED_CPUID"))?;
+    let (mut vcpu, _) = create_vcpu(&vm, &layout, &cpuid, 0, |_| {
+        guest::countdown_regs(iterations)
+    })?;
+    let start = Instant::now();
+    loop {
+        match vcpu.run().map_err(VmmError::io("KVM_RUN"))? {
+            kvm::VcpuExit::Hlt => break,
+            kvm::VcpuExit::Interrupted => continue,
+            other => {
+                return Err(VmmError::Io {
+                    what: "the countdown guest".into(),
+                    error: io::Error::other(format!("unexpected exit {other:?}")),
+                })
+            }
+        }
+    }
+    // Two instructions per iteration (dec, jnz).
+    Ok(2.0 * iterations as f64 / start.elapsed().as_secs_f64())
+}
