@@ -1,0 +1,223 @@
+//! The consumer side of the ring: harvesting dirtied entries in order.
+
+use super::{DirtyEntry, DirtyGfn, SlotBounds, SlotStore, DIRTY, FLAG_MASK, RESET};
+use crate::sync::Ordering;
+
+/// What one [`Harvester::harvest`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Harvest {
+    /// Entries marked RESET, bad ones included: what the next
+    /// `KVM_RESET_DIRTY_RINGS` should report for this ring, unless another
+    /// thread resets concurrently.
+    pub harvested: u32,
+    /// Entries that failed the [`SlotBounds`] check: marked RESET but not
+    /// passed to the `dirtied` callback.
+    pub bad_entries: u32,
+    /// Harvested entries whose flags had bits set outside
+    /// `KVM_DIRTY_GFN_F_MASK` (ignored, but worth reporting).
+    pub foreign_flag_bits: u32,
+}
+
+/// The harvest state of one vCPU ring: its free-running fetch index.
+///
+/// Keep one per vCPU ring for the VM's whole life (the kernel keeps its own
+/// indices across munmap and re-mmap), and never run two harvests of one ring
+/// at once: `&mut self` enforces that.
+#[derive(Debug, Default)]
+pub struct Harvester {
+    /// Next entry to look at, free-running: the entry is `cursor & (entries - 1)`.
+    cursor: u32,
+}
+
+impl Harvester {
+    /// A harvester for a freshly created ring, starting at index 0.
+    pub const fn new() -> Self {
+        Self::with_cursor(0)
+    }
+
+    /// A harvester resuming at fetch index `cursor` (tests of the `u32`
+    /// wrap-around, or recovery code that knows where the kernel stands).
+    pub const fn with_cursor(cursor: u32) -> Self {
+        Self { cursor }
+    }
+
+    /// The free-running fetch index of the next entry to harvest.
+    pub const fn cursor(&self) -> u32 {
+        self.cursor
+    }
+
+    /// Harvests every dirtied entry from the cursor on, in ring order, calling
+    /// `dirtied(slot_id, page)` for each valid one.
+    ///
+    /// Stops at the first entry whose flags are not exactly DIRTY (within
+    /// `KVM_DIRTY_GFN_F_MASK`), or after one full lap of the ring: a well-behaved
+    /// kernel cannot publish more than `entries` entries between two resets, so
+    /// a second lap in one call would mean something else is resetting
+    /// concurrently; calling again picks up where this call stopped.
+    ///
+    /// Entries that fail `bounds` are counted in [`Harvest::bad_entries`] and
+    /// not passed to `dirtied`, but are still marked RESET so that the counts
+    /// agree with what `KVM_RESET_DIRTY_RINGS` returns.
+    ///
+    /// After harvesting every ring, call `KVM_RESET_DIRTY_RINGS` before reading
+    /// the dirtied pages' contents or publishing them to consumers.
+    ///
+    /// # Panics
+    ///
+    /// If `store` is broken (`entries()` not a power of two, or a `gfns()`
+    /// slice of another length), or if `dirtied` panics; in that case the entry
+    /// being recorded stays DIRTY and the cursor still points at it.
+    #[inline]
+    pub fn harvest<S: SlotStore + ?Sized>(
+        &mut self,
+        store: &S,
+        bounds: &SlotBounds,
+        dirtied: impl FnMut(u16, u64),
+    ) -> Harvest {
+        self.harvest_with(store, bounds, dirtied, Ordering::Release)
+    }
+
+    /// [`Self::harvest`] with the ordering of the RESET store as a parameter,
+    /// only so that the loom model can demonstrate why it must be Release.
+    #[inline]
+    pub(super) fn harvest_with<S: SlotStore + ?Sized>(
+        &mut self,
+        store: &S,
+        bounds: &SlotBounds,
+        dirtied: impl FnMut(u16, u64),
+        reset_order: Ordering,
+    ) -> Harvest {
+        let entries = store.entries();
+        assert!(
+            entries.is_power_of_two(),
+            "slot store reports {entries} entries, not a power of two"
+        );
+        let contiguous = store.gfns();
+        if let Some(gfns) = contiguous {
+            assert_eq!(
+                gfns.len(),
+                entries as usize,
+                "slot store's slice is not the ring"
+            );
+        }
+        let start = self.cursor;
+        let first = start & (entries - 1);
+        let mut pass = Pass {
+            next: start,
+            cursor: &mut self.cursor,
+            bounds,
+            dirtied,
+            reset_order,
+            bad_entries: 0,
+            foreign_flag_bits: 0,
+            run_slot: u32::MAX,
+            run_pages: 0,
+        };
+        // One lap at most, as two contiguous segments: from the cursor's entry
+        // to the end of the ring, then from its start up to the cursor's entry.
+        'lap: for (lo, hi) in [(first, entries), (0, first)] {
+            match contiguous {
+                Some(gfns) => {
+                    for gfn in &gfns[lo as usize..hi as usize] {
+                        if !pass.step(gfn) {
+                            break 'lap;
+                        }
+                    }
+                }
+                None => {
+                    for index in lo..hi {
+                        if !pass.step(store.gfn(index)) {
+                            break 'lap;
+                        }
+                    }
+                }
+            }
+        }
+        Harvest {
+            harvested: pass.next.wrapping_sub(start),
+            bad_entries: pass.bad_entries,
+            foreign_flag_bits: pass.foreign_flag_bits,
+        }
+    }
+}
+
+/// The state of one harvest call, kept in registers by the compiler.
+struct Pass<'a, F> {
+    /// Fetch index of the next entry; written back to `cursor` on drop, also
+    /// if `dirtied` panics, so that the cursor always points at the first entry
+    /// this harvester has not marked RESET.
+    next: u32,
+    cursor: &'a mut u32,
+    bounds: &'a SlotBounds,
+    dirtied: F,
+    reset_order: Ordering,
+    bad_entries: u32,
+    foreign_flag_bits: u32,
+    /// Entries come in runs of one slot: the raw slot of the current run,
+    /// already checked (u32::MAX names address space 0xffff, never valid).
+    run_slot: u32,
+    /// The current run's slot size in pages.
+    run_pages: u64,
+}
+
+impl<F: FnMut(u16, u64)> Pass<'_, F> {
+    /// Harvests `gfn`, the entry at fetch index `self.next`, if it is dirtied;
+    /// returns whether it was.
+    #[inline(always)]
+    fn step(&mut self, gfn: &DirtyGfn) -> bool {
+        // Acquire: pairs with the kernel's smp_wmb + store of DIRTY in
+        // kvm_dirty_ring_push (store-release in MockKernel::push), so the
+        // slot/offset read below are the ones published with DIRTY.
+        let flags = gfn.flags.load(Ordering::Acquire);
+        if flags != DIRTY {
+            if flags & FLAG_MASK != DIRTY {
+                return false;
+            }
+            self.foreign_flag_bits += 1;
+        }
+        // Relaxed: ordered after the Acquire load of flags above.
+        let slot = gfn.slot.load(Ordering::Relaxed);
+        // Relaxed: ordered after the Acquire load of flags above.
+        let offset = gfn.offset.load(Ordering::Relaxed);
+        let valid = if slot == self.run_slot {
+            offset < self.run_pages
+        } else {
+            match slot_pages(self.bounds, slot) {
+                Some(pages) => {
+                    (self.run_slot, self.run_pages) = (slot, pages);
+                    offset < pages
+                }
+                None => false,
+            }
+        };
+        if valid {
+            // Cannot truncate: a valid slot names address space 0.
+            (self.dirtied)(slot as u16, offset);
+        } else {
+            self.bad_entries += 1;
+        }
+        // Release (as passed by `harvest`): pairs with the load-acquire of
+        // flags in the kernel's reset walk (kvm_dirty_gfn_harvested in
+        // kvm_dirty_ring_reset; MockKernel::reset_with), which may run on
+        // another CPU: it must see the payload the producer published, which
+        // this thread acquired above, not a stale one.
+        gfn.flags.store(RESET, self.reset_order);
+        self.next = self.next.wrapping_add(1);
+        true
+    }
+}
+
+impl<F> Drop for Pass<'_, F> {
+    fn drop(&mut self) {
+        *self.cursor = self.next;
+    }
+}
+
+/// The size of the slot a raw `slot` field names, if it is a tracked slot of
+/// address space 0. Out of line: the harvest loop calls it only when a run of
+/// entries of one slot ends.
+#[cold]
+#[inline(never)]
+fn slot_pages(bounds: &SlotBounds, slot: u32) -> Option<u64> {
+    bounds.pages_of(DirtyEntry { slot, offset: 0 }).ok()
+}
