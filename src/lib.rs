@@ -9,11 +9,16 @@
 
 pub use dirtyvm_sys as sys;
 
+pub mod bitmap;
 pub mod guest;
 #[allow(unsafe_code)]
 pub mod kvm;
+pub mod reaper;
 pub mod report;
+pub mod ring;
 #[allow(unsafe_code)]
 pub mod sched;
+mod sync;
+pub mod tracking;
 pub mod vcpu;
 pub mod vmm;

@@ -12,7 +12,9 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::Serialize;
 
 use dirtyvm::guest::{self, GuestStats, Workload};
+use dirtyvm::reaper::{Cadence, ReaperStats};
 use dirtyvm::report::{pages_to_mibps, Report, VcpuReport};
+use dirtyvm::tracking::DirtyLog;
 use dirtyvm::vcpu::{Stop, StopReason};
 use dirtyvm::vmm::{self, Machine, VmConfig, VmmError};
 use dirtyvm::{sched, sys};
@@ -77,6 +79,18 @@ struct RunArgs {
     /// read:SIZE or idle.
     #[arg(long = "workload", value_name = "SPEC")]
     workloads: Vec<Workload>,
+    /// Dirty tracking: per-vCPU dirty rings, the dirty bitmap, or none.
+    #[arg(long, default_value = "ring", value_name = "ring|bitmap|none")]
+    dirty_log: DirtyLog,
+    /// Entries per vCPU dirty ring: a power of two from 1024 to the host's maximum
+    /// (`dirtyvm probe` shows it). Default: the host's maximum (65536 on most hosts), which
+    /// a full-speed writer takes longest to fill.
+    #[arg(long, value_name = "N")]
+    ring_entries: Option<u32>,
+    /// Reaper cadence: `adaptive` (from ring fill and ring-full exits) or `fixed:MS`
+    /// (`fixed:1000` is the reference design).
+    #[arg(long, default_value = "adaptive", value_name = "adaptive|fixed:MS")]
+    reaper: Cadence,
     /// Stop after this many seconds (otherwise run until SIGINT or SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -140,6 +154,9 @@ fn demo_args() -> RunArgs {
             },
             Workload::Read { bytes: 64 << 20 },
         ],
+        dirty_log: DirtyLog::Ring,
+        ring_entries: None,
+        reaper: Cadence::Adaptive,
         duration: Some(Duration::from_secs(5)),
         report: None,
     }
@@ -156,16 +173,35 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         message: format!("blocking SIGINT/SIGTERM: {e}"),
     })?;
 
+    if args.ring_entries.is_some() && args.dirty_log != DirtyLog::Ring {
+        return Err(Failure {
+            code: 2,
+            message: format!(
+                "--ring-entries needs --dirty-log ring (the dirty log is {})",
+                args.dirty_log.name()
+            ),
+        });
+    }
     let config = VmConfig {
         vcpus: args.vcpus,
         memory: args.memory,
         workloads: args.workloads,
+        dirty_log: args.dirty_log,
+        ring_entries: args.ring_entries,
+        reaper: args.reaper,
     };
-    let machine = Machine::boot(&config)?;
+    let mut machine = Machine::boot(&config)?;
     spawn_signal_waiter(signals, machine.stop().clone());
 
+    let tracking = match (config.dirty_log, machine.tracker().ring_entries()) {
+        (DirtyLog::Ring, Some(entries)) => {
+            format!("dirty rings of {entries} entries, {} reaper", config.reaper)
+        }
+        (DirtyLog::Bitmap, _) => format!("dirty bitmap, {} reaper", config.reaper),
+        _ => "no dirty tracking".to_string(),
+    };
     println!(
-        "dirtyvm: {} vCPUs, {} guest memory, dirty log none; {}",
+        "dirtyvm: {} vCPUs, {} guest memory, {tracking}; {}",
         config.vcpus,
         guest::Size(config.memory),
         match args.duration {
@@ -176,8 +212,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let reason = watch(&machine, args.duration);
     let stats = machine.guest_stats();
     let elapsed = machine.started().elapsed().as_secs_f64();
-    let report = build_report(&machine, &stats, elapsed, &reason);
-    machine.shutdown();
+    let reaper = machine.reaper().map(|r| r.stats());
+    let shutdown = machine.shutdown();
+    let report = build_report(&machine, &stats, elapsed, &reason, reaper);
 
     print_summary(&report);
     if let Some(path) = &args.report {
@@ -187,12 +224,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         })?;
         println!("report written to {}", path.display());
     }
+    shutdown?;
     match reason {
-        StopReason::VcpuFailed { .. } => Err(Failure {
+        StopReason::VcpuFailed { .. } | StopReason::Failed(_) => Err(Failure {
             code: 1,
             message: reason.to_string(),
         }),
-        _ => Ok(()),
+        StopReason::Duration | StopReason::Signal(_) | StopReason::Quit => Ok(()),
     }
 }
 
@@ -213,11 +251,13 @@ fn spawn_signal_waiter(signals: SigSet, stop: Arc<Stop>) {
 /// Prints one progress line per vCPU each second until the run stops; returns why.
 fn watch(machine: &Machine, duration: Option<Duration>) -> StopReason {
     let deadline = duration.map(|d| machine.started() + d);
+    let harvested = |id: u32| machine.tracker().vcpu(id).harvested.load(Ordering::Relaxed);
     let mut last = machine.guest_stats();
+    let mut last_harvested: Vec<u64> = (0..last.len() as u32).map(harvested).collect();
     let mut last_at = Instant::now();
     println!(
-        "{:>7}  {:>4}  {:<24} {:>14} {:>14}",
-        "time", "vcpu", "workload", "written MiB/s", "read MiB/s"
+        "{:>7}  {:>4}  {:<24} {:>14} {:>14} {:>15}",
+        "time", "vcpu", "workload", "written MiB/s", "read MiB/s", "harvested MiB/s"
     );
     loop {
         let now = Instant::now();
@@ -234,14 +274,17 @@ fn watch(machine: &Machine, duration: Option<Duration>) -> StopReason {
         last_at = Instant::now();
         let t = machine.started().elapsed().as_secs_f64();
         for (plan, (now, before)) in machine.layout().vcpus().iter().zip(stats.iter().zip(&last)) {
+            let h = harvested(plan.id);
             println!(
-                "{:>6.1}s  {:>4}  {:<24} {:>14.1} {:>14.1}",
+                "{:>6.1}s  {:>4}  {:<24} {:>14.1} {:>14.1} {:>15.1}",
                 t,
                 plan.id,
                 plan.workload.to_string(),
                 pages_to_mibps(now.pages_written - before.pages_written, secs),
                 pages_to_mibps(now.pages_read - before.pages_read, secs),
+                pages_to_mibps(h - last_harvested[plan.id as usize], secs),
             );
+            last_harvested[plan.id as usize] = h;
         }
         let _ = std::io::stdout().flush();
         last = stats;
@@ -253,14 +296,16 @@ fn build_report(
     stats: &[GuestStats],
     elapsed: f64,
     reason: &StopReason,
+    reaper: Option<ReaperStats>,
 ) -> Report {
+    let tracker = machine.tracker();
     let vcpus = machine
         .layout()
         .vcpus()
         .iter()
         .zip(stats)
         .zip(machine.vcpus())
-        .map(|((plan, s), thread)| VcpuReport {
+        .map(|((plan, s), control)| VcpuReport {
             id: plan.id,
             workload: plan.workload.to_string(),
             pages_written: s.pages_written,
@@ -268,19 +313,30 @@ fn build_report(
             passes: s.passes,
             written_mibps: pages_to_mibps(s.pages_written, elapsed),
             read_mibps: pages_to_mibps(s.pages_read, elapsed),
-            dirty_pages_harvested: 0,
-            ring_full_exits: 0,
+            dirty_pages_harvested: tracker.vcpu(plan.id).harvested.load(Ordering::Relaxed),
+            ring_full_exits: tracker
+                .vcpu(plan.id)
+                .ring_full_exits
+                .load(Ordering::Relaxed),
+            bad_entries: tracker.vcpu(plan.id).bad_entries.load(Ordering::Relaxed),
+            lost_entries: tracker.vcpu(plan.id).lost_entries.load(Ordering::Relaxed),
             penalty_ms_total: 0.0,
-            hlt_exits: thread.control().exits.hlt.load(Ordering::Relaxed),
-            kicks: thread.control().exits.interrupted.load(Ordering::Relaxed),
+            hlt_exits: control.exits.hlt.load(Ordering::Relaxed),
+            kicks: control.exits.interrupted.load(Ordering::Relaxed),
         })
         .collect();
     Report {
         version: env!("CARGO_PKG_VERSION"),
         duration_s: elapsed,
         stop_reason: reason.to_string(),
-        dirty_log: "none",
-        ring_entries: None,
+        dirty_log: tracker.log().name(),
+        ring_entries: tracker.ring_entries(),
+        bitmap_manual_protect: (tracker.log() == DirtyLog::Bitmap)
+            .then(|| tracker.manual_protect()),
+        dirty_pages_harvested: tracker.harvested(),
+        wedged_rings: tracker.wedged_rings(),
+        reset_mismatches: tracker.reset_mismatches(),
+        reaper,
         memory_bytes: machine.layout().memory(),
         tsc_khz: machine.tsc_khz(),
         vcpus,

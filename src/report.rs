@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::reaper::ReaperStats;
+
 /// Pages of 4 KiB per MiB.
 const PAGES_PER_MIB: f64 = 256.0;
 
@@ -32,6 +34,19 @@ pub struct Report {
     /// Entries per vCPU ring, with ring tracking.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ring_entries: Option<u32>,
+    /// Bitmap mode: whether pages were re-armed with `KVM_CLEAR_DIRTY_LOG`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmap_manual_protect: Option<bool>,
+    /// Dirty pages harvested in all (ring entries of every vCPU, or bitmap pages).
+    pub dirty_pages_harvested: u64,
+    /// Ring overflows detected (each would have wedged the ring without recovery); after
+    /// one, the dirty-page set's next take reported every page.
+    pub wedged_rings: u64,
+    /// `KVM_RESET_DIRTY_RINGS` calls whose count differed from what had been harvested.
+    pub reset_mismatches: u64,
+    /// The reaper, with tracking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reaper: Option<ReaperStats>,
     /// Guest RAM in bytes.
     pub memory_bytes: u64,
     /// Guest TSC frequency used for pacing.
@@ -61,6 +76,10 @@ pub struct VcpuReport {
     pub dirty_pages_harvested: u64,
     /// `KVM_EXIT_DIRTY_RING_FULL` exits.
     pub ring_full_exits: u64,
+    /// Ring entries dropped because they named no tracked page.
+    pub bad_entries: u64,
+    /// Ring entries found lost after an overflow.
+    pub lost_entries: u64,
     /// Time spent asleep under a dirty-limit or throttle penalty, ms.
     pub penalty_ms_total: f64,
     /// `hlt` exits.

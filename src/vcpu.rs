@@ -12,6 +12,7 @@ use std::time::Duration;
 use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 
 use crate::kvm::{ImmediateExit, Vcpu, VcpuExit, KICK_SIGNAL};
+use crate::tracking::{RingFullError, Tracker};
 
 /// Why the VM is stopping. The first reason given wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub enum StopReason {
     Quit,
     /// A vCPU hit an exit it cannot continue from.
     VcpuFailed { id: u32, error: String },
+    /// A VMM thread failed.
+    Failed(String),
 }
 
 impl fmt::Display for StopReason {
@@ -33,6 +36,7 @@ impl fmt::Display for StopReason {
             StopReason::Signal(name) => write!(f, "{name} received"),
             StopReason::Quit => f.write_str("quit requested"),
             StopReason::VcpuFailed { id, error } => write!(f, "vCPU {id} failed: {error}"),
+            StopReason::Failed(error) => f.write_str(error),
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct ExitCounters {
     pub hlt: AtomicU64,
     /// Kicks and signals (`EINTR`).
     pub interrupted: AtomicU64,
+    /// Every return from `KVM_RUN`.
+    pub all: AtomicU64,
 }
 
 /// The shared side of a vCPU thread: how other threads kick and stop it.
@@ -89,6 +95,8 @@ pub struct VcpuControl {
     /// The running thread, registered while its run loop is live so a kick never signals a
     /// thread that has exited.
     thread: Mutex<Option<(Pthread, Thread)>>,
+    /// Whether the thread is inside `KVM_RUN` (or about to enter it).
+    in_guest: AtomicBool,
     /// Exit counters.
     pub exits: ExitCounters,
 }
@@ -117,6 +125,19 @@ impl VcpuControl {
         self.kick();
     }
 
+    /// Whether the vCPU is inside `KVM_RUN`, or about to enter it.
+    pub fn in_guest(&self) -> bool {
+        // Acquire: pairs with the Release stores around KVM_RUN in the run loop.
+        self.in_guest.load(Ordering::Acquire)
+    }
+
+    /// How many times `KVM_RUN` has returned: a flush waits for this to move.
+    pub fn exits_taken(&self) -> u64 {
+        // Acquire: pairs with the Release increment after KVM_RUN returns, so everything
+        // the exit flushed (PML buffers into the dirty ring) is visible.
+        self.exits.all.load(Ordering::Acquire)
+    }
+
     fn stop_requested(&self) -> bool {
         // Acquire: pairs with the Release store in `request_stop`.
         self.stop.load(Ordering::Acquire)
@@ -131,13 +152,15 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    /// Starts a thread running `vcpu`; a fatal exit requests a VM stop through `stop`.
-    pub fn spawn(vcpu: Vcpu, stop: Arc<Stop>) -> io::Result<VcpuThread> {
+    /// Starts a thread running `vcpu`; its ring-full exits go to `tracker`; a fatal exit
+    /// requests a VM stop through `stop`.
+    pub fn spawn(vcpu: Vcpu, tracker: Arc<Tracker>, stop: Arc<Stop>) -> io::Result<VcpuThread> {
         let control = Arc::new(VcpuControl {
             id: vcpu.id(),
             stop: AtomicBool::new(false),
             immediate_exit: vcpu.immediate_exit(),
             thread: Mutex::new(None),
+            in_guest: AtomicBool::new(false),
             exits: ExitCounters::default(),
         });
         let shared = control.clone();
@@ -145,7 +168,7 @@ impl VcpuThread {
             .name(format!("vcpu{}", vcpu.id()))
             .spawn(move || {
                 let id = vcpu.id();
-                if let Err(error) = run_loop(vcpu, &shared) {
+                if let Err(error) = run_loop(vcpu, &shared, &tracker) {
                     stop.request(StopReason::VcpuFailed {
                         id,
                         error: error.to_string(),
@@ -177,6 +200,8 @@ pub enum VcpuError {
     Run(io::Error),
     /// The guest did something the built-in programs never do.
     UnexpectedExit(VcpuExit),
+    /// A ring-full exit could not be handled.
+    RingFull(RingFullError),
 }
 
 impl fmt::Display for VcpuError {
@@ -184,18 +209,30 @@ impl fmt::Display for VcpuError {
         match self {
             VcpuError::Run(e) => write!(f, "KVM_RUN failed: {e}"),
             VcpuError::UnexpectedExit(exit) => write!(f, "unexpected exit {exit:?}"),
+            VcpuError::RingFull(e) => e.fmt(f),
         }
     }
 }
 
-fn run_loop(mut vcpu: Vcpu, control: &VcpuControl) -> Result<(), VcpuError> {
+fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, tracker: &Tracker) -> Result<(), VcpuError> {
     *control.thread.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((pthread_self(), thread::current()));
     let result = loop {
         if control.stop_requested() {
             break Ok(());
         }
-        match vcpu.run() {
+        // Release: pairs with the Acquire load in `in_guest`.
+        control.in_guest.store(true, Ordering::Release);
+        let exit = vcpu.run();
+        control.in_guest.store(false, Ordering::Release);
+        // Release: pairs with the Acquire load in `exits_taken`.
+        control.exits.all.fetch_add(1, Ordering::Release);
+        match exit {
+            Ok(VcpuExit::DirtyRingFull) => {
+                if let Err(e) = tracker.ring_full(control.id) {
+                    break Err(VcpuError::RingFull(e));
+                }
+            }
             Ok(VcpuExit::Interrupted) => {
                 control.immediate_exit.clear();
                 control.exits.interrupted.fetch_add(1, Ordering::Relaxed);

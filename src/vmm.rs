@@ -10,7 +10,9 @@ use dirtyvm_sys as sys;
 
 use crate::guest::{self, GuestStats, Layout, LayoutError, Workload};
 use crate::kvm::{self, GuestMemory, Kvm, Vcpu, Vm};
-use crate::vcpu::{Stop, VcpuThread};
+use crate::reaper::{Cadence, Reaper};
+use crate::tracking::{DirtyLog, Tracker, MIN_RING_ENTRIES};
+use crate::vcpu::{Stop, VcpuControl, VcpuThread};
 
 /// What to boot.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +23,31 @@ pub struct VmConfig {
     pub memory: u64,
     /// Workload of vCPU i; vCPUs beyond the list are idle.
     pub workloads: Vec<Workload>,
+    /// Dirty tracking mechanism.
+    pub dirty_log: DirtyLog,
+    /// Entries per vCPU ring in ring mode; `None` for the host's largest ring.
+    pub ring_entries: Option<u32>,
+    /// Reaper cadence (with tracking).
+    pub reaper: Cadence,
+}
+
+impl VmConfig {
+    /// A VM without dirty tracking.
+    pub fn new(vcpus: u32, memory: u64, workloads: Vec<Workload>) -> VmConfig {
+        VmConfig {
+            vcpus,
+            memory,
+            workloads,
+            dirty_log: DirtyLog::None,
+            ring_entries: None,
+            reaper: Cadence::Adaptive,
+        }
+    }
+
+    /// The same VM with dirty tracking `log`.
+    pub fn with_dirty_log(self, dirty_log: DirtyLog) -> VmConfig {
+        VmConfig { dirty_log, ..self }
+    }
 }
 
 /// Why a VM could not be built or run. [`VmmError::exit_code`] maps it to the CLI's codes.
@@ -90,8 +117,39 @@ pub fn max_vcpus(kvm: &Kvm) -> u32 {
         .map_or(4, |n| n as u32)
 }
 
-/// Creates a VM with the system slot laid out for `layout` and an untracked RAM slot.
-fn create_vm(kvm: &Kvm, layout: &Layout) -> Result<Vm, VmmError> {
+/// Checks `entries` (default: the largest) against the host's ring capability; returns the
+/// capability to enable and the ring size.
+fn ring_capability(vm: &Vm, entries: Option<u32>) -> Result<(u32, u32), VmmError> {
+    let Some((cap, max)) = vm.dirty_ring_capability() else {
+        return Err(VmmError::MissingCapability(
+            "has no dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL or KVM_CAP_DIRTY_LOG_RING);              use --dirty-log bitmap"
+                .into(),
+        ));
+    };
+    let entries = entries.unwrap_or(max);
+    let allowed = format!("allowed: powers of two from {MIN_RING_ENTRIES} to {max}");
+    let problem = if !entries.is_power_of_two() {
+        "is not a power of two"
+    } else if entries < MIN_RING_ENTRIES {
+        "is below the smallest ring every x86 host accepts"
+    } else if entries > max {
+        "is above this host's largest ring"
+    } else {
+        return Ok((cap, entries));
+    };
+    Err(VmmError::BadConfig(format!(
+        "--ring-entries {entries} {problem} ({allowed})"
+    )))
+}
+
+/// Creates a VM with the system slot laid out for `layout` and guest RAM logged as `log`
+/// says. Ring mode enables the rings here, before any vCPU exists, as the kernel requires.
+fn create_vm(
+    kvm: &Kvm,
+    layout: &Layout,
+    log: DirtyLog,
+    ring_entries: Option<u32>,
+) -> Result<(Vm, Option<u32>), VmmError> {
     for (cap, name) in [
         (sys::KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
         (sys::KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
@@ -102,6 +160,25 @@ fn create_vm(kvm: &Kvm, layout: &Layout) -> Result<Vm, VmmError> {
         }
     }
     let mut vm = kvm.create_vm().map_err(VmmError::io("KVM_CREATE_VM"))?;
+    let mut ring = None;
+    match log {
+        DirtyLog::None => {}
+        DirtyLog::Ring => {
+            let (cap, entries) = ring_capability(&vm, ring_entries)?;
+            vm.enable_dirty_ring(cap, entries)
+                .map_err(VmmError::io(format!(
+                    "enabling {entries}-entry dirty rings"
+                )))?;
+            ring = Some(entries);
+        }
+        DirtyLog::Bitmap => {
+            // Without PROTECT2, KVM_GET_DIRTY_LOG alone reads and re-arms.
+            if vm.check_extension(sys::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) > 0 {
+                vm.enable_manual_dirty_log_protect()
+                    .map_err(VmmError::io("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"))?;
+            }
+        }
+    }
     vm.set_tss_addr(guest::TSS_ADDR)
         .map_err(VmmError::io("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_addr(guest::IDENTITY_MAP_ADDR)
@@ -115,17 +192,21 @@ fn create_vm(kvm: &Kvm, layout: &Layout) -> Result<Vm, VmmError> {
         )
         .map_err(VmmError::io("mapping the system memory slot"))?;
     layout.write_system(&system.memory);
+    let ram_flags = match log {
+        DirtyLog::None => sys::MemoryRegionFlags::empty(),
+        DirtyLog::Ring | DirtyLog::Bitmap => sys::MemoryRegionFlags::LOG_DIRTY_PAGES,
+    };
     vm.add_memory_slot(
         guest::RAM_SLOT,
         guest::RAM_BASE,
         layout.memory() as usize,
-        sys::MemoryRegionFlags::empty(),
+        ram_flags,
     )
     .map_err(VmmError::io(format!(
         "mapping {} of guest memory",
         guest::Size(layout.memory())
     )))?;
-    Ok(vm)
+    Ok((vm, ring))
 }
 
 /// Creates vCPU `id` in flat long mode with `regs` (given the guest TSC frequency in kHz);
@@ -157,8 +238,11 @@ fn create_vcpu(
 /// A running VM: the KVM objects, the guest layout and the vCPU threads.
 #[derive(Debug)]
 pub struct Machine {
-    vcpus: Vec<VcpuThread>,
-    vm: Vm,
+    controls: Vec<Arc<VcpuControl>>,
+    threads: Vec<VcpuThread>,
+    reaper: Option<Reaper>,
+    tracker: Arc<Tracker>,
+    vm: Arc<Vm>,
     layout: Layout,
     stop: Arc<Stop>,
     started: Instant,
@@ -177,7 +261,7 @@ impl Machine {
                 config.vcpus
             )));
         }
-        let vm = create_vm(&kvm, &layout)?;
+        let (vm, ring_entries) = create_vm(&kvm, &layout, config.dirty_log, config.ring_entries)?;
         let cpuid = kvm
             .supported_cpuid()
             .map_err(VmmError::io("KVM_GET_SUPPORTED_CPUID"))?;
@@ -188,11 +272,30 @@ impl Machine {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
+        let rings = match ring_entries {
+            Some(entries) => vcpus
+                .iter()
+                .map(|v| {
+                    v.map_dirty_ring(entries).map_err(VmmError::io(format!(
+                        "mapping vCPU {}'s dirty ring",
+                        v.id()
+                    )))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
+        let vm = Arc::new(vm);
+        let tracker = Arc::new(Tracker::new(
+            vm.clone(),
+            config.dirty_log,
+            rings,
+            vcpus.len(),
+        ));
         let stop = Arc::new(Stop::default());
         let started = Instant::now();
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
-            match VcpuThread::spawn(vcpu, stop.clone()) {
+            match VcpuThread::spawn(vcpu, tracker.clone(), stop.clone()) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     threads.into_iter().for_each(VcpuThread::stop_and_join);
@@ -200,8 +303,24 @@ impl Machine {
                 }
             }
         }
+        let reaper = match config.dirty_log {
+            DirtyLog::None => None,
+            DirtyLog::Ring | DirtyLog::Bitmap => {
+                let controls = threads.iter().map(|t| t.control().clone()).collect();
+                match Reaper::spawn(tracker.clone(), controls, config.reaper, stop.clone()) {
+                    Ok(reaper) => Some(reaper),
+                    Err(e) => {
+                        threads.into_iter().for_each(VcpuThread::stop_and_join);
+                        return Err(VmmError::io("spawning the reaper thread")(e));
+                    }
+                }
+            }
+        };
         Ok(Machine {
-            vcpus: threads,
+            controls: threads.iter().map(|t| t.control().clone()).collect(),
+            threads,
+            reaper,
+            tracker,
             vm,
             layout,
             stop,
@@ -230,9 +349,9 @@ impl Machine {
         self.tsc_khz
     }
 
-    /// The vCPU threads, by id.
-    pub fn vcpus(&self) -> &[VcpuThread] {
-        &self.vcpus
+    /// The vCPUs' control blocks (kick, stop, exit counters), by id.
+    pub fn vcpus(&self) -> &[Arc<VcpuControl>] {
+        &self.controls
     }
 
     /// Guest RAM.
@@ -256,19 +375,45 @@ impl Machine {
             .collect()
     }
 
-    /// Stops every vCPU thread and joins it.
-    pub fn shutdown(self) {
-        for vcpu in &self.vcpus {
-            vcpu.control().request_stop();
+    /// The dirty tracker.
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// The reaper, when the VM tracks dirty pages.
+    pub fn reaper(&self) -> Option<&Reaper> {
+        self.reaper.as_ref()
+    }
+
+    /// Stops every vCPU thread and joins it, reaps what they left in the rings, then stops
+    /// the reaper. Counters stay readable afterwards. Idempotent.
+    pub fn shutdown(&mut self) -> Result<(), VmmError> {
+        for thread in &self.threads {
+            thread.control().request_stop();
         }
-        self.vcpus.into_iter().for_each(VcpuThread::stop_and_join);
+        std::mem::take(&mut self.threads)
+            .into_iter()
+            .for_each(VcpuThread::stop_and_join);
+        let last_reap = self.tracker.reap().map(drop);
+        if let Some(reaper) = self.reaper.take() {
+            reaper.stop_and_join();
+        }
+        last_reap.map_err(VmmError::io("the final harvest"))
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // Best effort: a Machine dropped without shutdown (an error path, a failed test)
+        // still stops and joins its threads.
+        let _ = self.shutdown();
     }
 }
 
 /// Runs [`guest::programs::COUNTDOWN`] on one vCPU and returns guest instructions per second.
 pub fn measure_instruction_rate(kvm: &Kvm, iterations: u64) -> Result<f64, VmmError> {
     let layout = Layout::new(1, 2 << 20, &[])?;
-    let vm = create_vm(kvm, &layout)?;
+    let (vm, _) = create_vm(kvm, &layout, DirtyLog::None, None)?;
     let cpuid = kvm
         .supported_cpuid()
         .map_err(VmmError::io("KVM_GET_SUPPORTED_CPUID"))?;

@@ -15,12 +15,7 @@ fn boot(vcpus: u32, memory: u64, workloads: &[&str]) -> Machine {
         .iter()
         .map(|w| w.parse::<Workload>().unwrap())
         .collect();
-    Machine::boot(&VmConfig {
-        vcpus,
-        memory,
-        workloads,
-    })
-    .expect("boot")
+    Machine::boot(&VmConfig::new(vcpus, memory, workloads)).expect("boot")
 }
 
 /// First byte of every page of a vCPU's working set.
@@ -37,7 +32,7 @@ fn writer_dirties_its_region_reader_and_idle_do_not() {
     if !common::kvm_available("writer_dirties_its_region_reader_and_idle_do_not") {
         return;
     }
-    let machine = boot(3, 16 << 20, &["write:4M", "read:4M"]);
+    let mut machine = boot(3, 16 << 20, &["write:4M", "read:4M"]);
     // The reader's region holds a pattern it must leave untouched.
     let plan = machine.layout().vcpus()[1];
     for p in 0..plan.workload.pages() {
@@ -54,12 +49,8 @@ fn writer_dirties_its_region_reader_and_idle_do_not() {
     }
     let written = first_bytes(&machine, 0);
     let read = first_bytes(&machine, 1);
-    let hlt_exits = machine.vcpus()[2]
-        .control()
-        .exits
-        .hlt
-        .load(Ordering::Relaxed);
-    machine.shutdown();
+    let hlt_exits = machine.vcpus()[2].exits.hlt.load(Ordering::Relaxed);
+    machine.shutdown().unwrap();
 
     assert!(
         stats[0].passes >= 2,

@@ -14,9 +14,13 @@
 //!   accessed through atomics or raw pointers, never through `&`/`&mut` to plain integers;
 //! - values the kernel writes are untrusted: they are range-checked before use as an index.
 
+#[cfg(not(loom))]
+mod dirty_ring;
 mod memory;
 mod run;
 
+#[cfg(not(loom))]
+pub use dirty_ring::DirtyRingMap;
 pub use memory::GuestMemory;
 pub use run::{install_kick_handler, ImmediateExit, VcpuExit, KICK_SIGNAL};
 
@@ -129,6 +133,7 @@ impl Kvm {
             vcpu_mmap_size,
             slots: Vec::new(),
             keepalive: Default::default(),
+            manual_protect: false,
         })
     }
 }
@@ -170,6 +175,8 @@ pub struct Vm {
     /// Every guest memory mapping ever registered, shared with each vCPU: the kernel VM lives
     /// as long as any vCPU fd, so the memory it writes must too.
     keepalive: Arc<Mutex<Vec<GuestMemory>>>,
+    /// Whether `KVM_CLEAR_DIRTY_LOG` re-arms logged pages (manual protect is enabled).
+    manual_protect: bool,
 }
 
 impl Vm {
@@ -189,6 +196,46 @@ impl Vm {
         // SAFETY: KVM_ENABLE_CAP takes a kvm_enable_cap, which `enable` is.
         unsafe { ioctl_ptr(self.fd.as_raw_fd(), sys::KVM_ENABLE_CAP, &mut enable)? };
         Ok(())
+    }
+
+    /// The dirty-ring capability this VM offers and its largest ring in entries:
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` when offered (it promises the acquire/release
+    /// protocol dirtyvm follows anyway), else `KVM_CAP_DIRTY_LOG_RING`; `None` without either.
+    pub fn dirty_ring_capability(&self) -> Option<(u32, u32)> {
+        [
+            sys::KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+            sys::KVM_CAP_DIRTY_LOG_RING,
+        ]
+        .into_iter()
+        .map(|cap| (cap, self.check_extension(cap)))
+        .find(|&(_, bytes)| bytes > 0)
+        .map(|(cap, bytes)| {
+            (
+                cap,
+                bytes as u32 / std::mem::size_of::<sys::kvm_dirty_gfn>() as u32,
+            )
+        })
+    }
+
+    /// Enables per-vCPU dirty rings of `entries` entries with `cap` (see
+    /// [`Vm::dirty_ring_capability`]). Must precede every `KVM_CREATE_VCPU`.
+    pub fn enable_dirty_ring(&self, cap: u32, entries: u32) -> io::Result<()> {
+        let bytes = u64::from(entries) * std::mem::size_of::<sys::kvm_dirty_gfn>() as u64;
+        self.enable_cap(cap, [bytes, 0, 0, 0])
+    }
+
+    /// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (without `INITIALLY_SET`): from now on
+    /// `KVM_GET_DIRTY_LOG` only copies and `KVM_CLEAR_DIRTY_LOG` re-arms. Never with rings.
+    pub fn enable_manual_dirty_log_protect(&mut self) -> io::Result<()> {
+        let flags = sys::ManualDirtyLogProtect::MANUAL_PROTECT_ENABLE.bits();
+        self.enable_cap(sys::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, [flags, 0, 0, 0])?;
+        self.manual_protect = true;
+        Ok(())
+    }
+
+    /// Whether manual dirty-log protect is enabled.
+    pub fn manual_dirty_log_protect(&self) -> bool {
+        self.manual_protect
     }
 
     /// `KVM_SET_TSS_ADDR`: three pages below 4 GiB the guest never uses (Intel needs it).
@@ -440,6 +487,12 @@ impl Vcpu {
         // SAFETY: KVM_GET_TSC_KHZ takes no argument and returns the frequency.
         let khz = unsafe { ioctl_val(self.fd.as_raw_fd(), sys::KVM_GET_TSC_KHZ, 0)? };
         Ok(khz as u32)
+    }
+
+    /// Maps this vCPU's dirty ring of `entries` entries (the VM's ring size).
+    #[cfg(not(loom))]
+    pub fn map_dirty_ring(&self, entries: u32) -> io::Result<DirtyRingMap> {
+        DirtyRingMap::map(&self.fd, entries)
     }
 
     /// A handle that makes this vCPU's next (or current, with a signal) `KVM_RUN` return.

@@ -1,0 +1,50 @@
+//! The kernel's per-vCPU dirty ring, mapped from the vCPU fd.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use dirtyvm_sys as sys;
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::ring::{DirtyGfn, SlotStore};
+
+/// One vCPU's dirty ring: `entries` × `kvm_dirty_gfn`, shared read-write with the kernel.
+#[derive(Debug)]
+pub struct DirtyRingMap {
+    map: MmapRaw,
+    entries: u32,
+}
+
+impl DirtyRingMap {
+    /// Maps the ring of the vCPU behind `fd`: its own `MAP_SHARED`, read-write, non-executable
+    /// mapping at page [`sys::KVM_DIRTY_LOG_PAGE_OFFSET`] of the fd, in host pages.
+    pub(super) fn map(fd: &impl AsRawFd, entries: u32) -> io::Result<DirtyRingMap> {
+        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as u64);
+        let len = entries as usize * std::mem::size_of::<sys::kvm_dirty_gfn>();
+        // memmap2's raw maps are MAP_SHARED, PROT_READ | PROT_WRITE: exactly what the kernel
+        // requires (a read-only map faults at the first RESET store).
+        let map = MmapOptions::new()
+            .offset(sys::KVM_DIRTY_LOG_PAGE_OFFSET * page_size)
+            .len(len)
+            .map_raw(fd.as_raw_fd())?;
+        Ok(DirtyRingMap { map, entries })
+    }
+}
+
+impl SlotStore for DirtyRingMap {
+    fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    fn gfn(&self, index: u32) -> &DirtyGfn {
+        assert!(index < self.entries, "ring index {index} out of range");
+        // SAFETY: the mapping holds `entries` kvm_dirty_gfn, page-aligned, for as long as
+        // `self` lives; DirtyGfn has kvm_dirty_gfn's layout (asserted in crate::ring) and
+        // all-atomic fields, so sharing it with the kernel, which writes concurrently, is
+        // sound; no `&mut` into the ring is ever created.
+        unsafe { &*self.map.as_ptr().cast::<DirtyGfn>().add(index as usize) }
+    }
+}

@@ -1,0 +1,441 @@
+//! Dirty tracking for one VM: per-vCPU dirty rings or the dirty bitmap, harvested into
+//! per-vCPU counters and the guest RAM's [`DirtyPageSet`].
+//!
+//! Every harvest-and-reset (and every bitmap get-and-clear) runs under one lock, so the
+//! count `KVM_RESET_DIRTY_RINGS` returns can be checked against what was harvested, and
+//! pages are published to the dirty-page set only after the reset re-protected them
+//! (REFERENCE §7.8).
+//!
+//! # Overflowed rings
+//!
+//! A kernel whose ring-full exit comes late (HOST-NOTES) pushes past a full ring and
+//! overwrites entries: pages are lost, and the ring can wedge (every `KVM_RUN` exits
+//! ring-full, the reset returns 0). Two signs give an overflow away, and both are checked
+//! on every harvest of a ring:
+//!
+//! - a harvest that collects a whole lap of the ring: the ring reached its hard limit,
+//!   which a well-behaved kernel never lets happen (reserved entries absorb late pushes);
+//! - a *gap*: the harvest stopped at an entry that is not dirty, yet a later entry is. The
+//!   kernel publishes entries in order, so the entries in the gap were pushed and then lost.
+//!
+//! On either, the dirty-page set is marked incomplete (its next take is every page), the
+//! overflow is counted (`wedged_rings` in the report) and reported on stderr, and the ring
+//! is recovered: the lost entries in the gap are marked harvested so the kernel's reset walk
+//! can pass them, and harvesting goes on behind them. A ring-full exit that still yields
+//! nothing (no gap to close) is recovered by marking lost the entries the kernel must have
+//! pushed (it exits only above its soft limit); if the reset still returns 0 the ring cannot
+//! be recovered and the vCPU stops with an error naming it.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dirtyvm_sys as sys;
+
+use crate::bitmap::{DirtyPageSet, DirtyPages};
+use crate::guest;
+use crate::kvm::{DirtyRingMap, Vm};
+use crate::ring::{self, Harvester, SlotBounds, SlotStore};
+
+/// The dirty tracking mechanism of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyLog {
+    /// No tracking.
+    None,
+    /// Per-vCPU dirty rings.
+    Ring,
+    /// The per-slot dirty bitmap.
+    Bitmap,
+}
+
+impl std::str::FromStr for DirtyLog {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<DirtyLog, String> {
+        match text {
+            "ring" => Ok(DirtyLog::Ring),
+            "bitmap" => Ok(DirtyLog::Bitmap),
+            "none" => Ok(DirtyLog::None),
+            _ => Err(format!(
+                "dirty log '{text}' is not one of ring, bitmap, none"
+            )),
+        }
+    }
+}
+
+impl DirtyLog {
+    /// The name the CLI and the report use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyLog::None => "none",
+            DirtyLog::Ring => "ring",
+            DirtyLog::Bitmap => "bitmap",
+        }
+    }
+}
+
+/// Entries the kernel keeps back from the soft limit at most: 64 reserved plus a 512-entry
+/// PML buffer on Intel. A vCPU exits ring-full only with at least `entries - this` used.
+const MAX_RESERVED_ENTRIES: u32 = sys::KVM_DIRTY_RING_RSVD_ENTRIES + 512;
+
+/// Smallest ring every x86 host accepts (Intel with PML reserves 576 entries, and the
+/// ring must be a power of two larger than that).
+pub const MIN_RING_ENTRIES: u32 = 1024;
+
+/// Consecutive ring-full exits of one vCPU that harvest nothing before the ring counts as
+/// wedged. One can be benign: the reaper may have reaped between the exit and the handler.
+const EMPTY_RING_FULL_LIMIT: u32 = 3;
+
+/// Per-vCPU tracking counters, readable without the tracker lock.
+#[derive(Debug, Default)]
+pub struct VcpuDirtyStats {
+    /// Entries harvested from this vCPU's ring that named a tracked page.
+    pub harvested: AtomicU64,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits.
+    pub ring_full_exits: AtomicU64,
+    /// Entries dropped because they named no tracked page.
+    pub bad_entries: AtomicU64,
+    /// Entries found lost in an overflowed ring.
+    pub lost_entries: AtomicU64,
+    /// Overflows detected on this vCPU's ring.
+    pub overflows: AtomicU64,
+}
+
+/// A ring that overflowed and could not be brought back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WedgedRing {
+    /// The vCPU whose ring is wedged.
+    pub vcpu: u32,
+}
+
+impl fmt::Display for WedgedRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "vCPU {}'s dirty ring is wedged (ring-full exits harvest nothing and \
+             KVM_RESET_DIRTY_RINGS resets nothing) and could not be recovered; the kernel \
+             overflowed it. Use larger rings (--ring-entries) or a faster reaper",
+            self.vcpu
+        )
+    }
+}
+
+impl std::error::Error for WedgedRing {}
+
+/// What one reap did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reap {
+    /// Valid entries (pages) harvested in all.
+    pub harvested: u64,
+    /// The fullest ring's harvested entries as a fraction of its size (0 for the bitmap).
+    pub max_ring_fill: f64,
+}
+
+struct RingState {
+    map: DirtyRingMap,
+    harvester: Harvester,
+    /// Ring-full exits in a row that harvested nothing.
+    empty_ring_full: u32,
+}
+
+struct State {
+    rings: Vec<RingState>,
+    bounds: SlotBounds,
+    /// Pages harvested in this pass, published after the reset.
+    harvested: Vec<u64>,
+    /// Bitmap mode: the slot bitmap from `KVM_GET_DIRTY_LOG`.
+    bitmap: Vec<u64>,
+}
+
+/// The VM's dirty tracking.
+pub struct Tracker {
+    vm: Arc<Vm>,
+    log: DirtyLog,
+    /// Whether `KVM_CLEAR_DIRTY_LOG` is in use (bitmap mode with manual protect).
+    manual_protect: bool,
+    state: Mutex<State>,
+    ram: DirtyPageSet,
+    vcpus: Box<[VcpuDirtyStats]>,
+    /// Pages harvested by bitmap syncs (no per-vCPU split).
+    bitmap_harvested: AtomicU64,
+    /// Resets whose count differed from what was harvested.
+    reset_mismatches: AtomicU64,
+    /// Overflowed rings detected, all vCPUs.
+    wedged_rings: AtomicU64,
+}
+
+impl fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tracker")
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tracker {
+    /// Tracking for `vm` with `log`; `rings` holds each vCPU's mapped ring in ring mode.
+    pub fn new(vm: Arc<Vm>, log: DirtyLog, rings: Vec<DirtyRingMap>, vcpus: usize) -> Tracker {
+        let ram_pages = vm.slot(guest::RAM_SLOT).map_or(0, |s| s.pages());
+        let bounds = SlotBounds::new(
+            vm.slots()
+                .iter()
+                .filter(|s| s.logs_dirty_pages())
+                .map(|s| (s.id, s.pages())),
+        );
+        let manual_protect = vm.manual_dirty_log_protect();
+        Tracker {
+            vm,
+            log,
+            manual_protect,
+            state: Mutex::new(State {
+                rings: rings
+                    .into_iter()
+                    .map(|map| RingState {
+                        map,
+                        harvester: Harvester::new(),
+                        empty_ring_full: 0,
+                    })
+                    .collect(),
+                bounds,
+                harvested: Vec::new(),
+                bitmap: vec![0; ram_pages.div_ceil(64) as usize],
+            }),
+            ram: DirtyPageSet::new(ram_pages),
+            vcpus: (0..vcpus).map(|_| VcpuDirtyStats::default()).collect(),
+            bitmap_harvested: AtomicU64::new(0),
+            reset_mismatches: AtomicU64::new(0),
+            wedged_rings: AtomicU64::new(0),
+        }
+    }
+
+    /// The tracking mechanism.
+    pub fn log(&self) -> DirtyLog {
+        self.log
+    }
+
+    /// Entries per vCPU ring, in ring mode.
+    pub fn ring_entries(&self) -> Option<u32> {
+        self.lock().rings.first().map(|r| r.map.entries())
+    }
+
+    /// Whether bitmap mode re-arms pages with `KVM_CLEAR_DIRTY_LOG`.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// vCPU `id`'s counters.
+    pub fn vcpu(&self, id: u32) -> &VcpuDirtyStats {
+        &self.vcpus[id as usize]
+    }
+
+    /// Pages harvested in all: ring entries of every vCPU, or bitmap pages.
+    pub fn harvested(&self) -> u64 {
+        self.bitmap_harvested.load(Ordering::Relaxed)
+            + self
+                .vcpus
+                .iter()
+                .map(|v| v.harvested.load(Ordering::Relaxed))
+                .sum::<u64>()
+    }
+
+    /// Overflowed rings detected so far.
+    pub fn wedged_rings(&self) -> u64 {
+        self.wedged_rings.load(Ordering::Relaxed)
+    }
+
+    /// Resets whose count differed from what had been harvested.
+    pub fn reset_mismatches(&self) -> u64 {
+        self.reset_mismatches.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Harvests every ring (or syncs the bitmap) and resets, publishing the dirtied pages.
+    pub fn reap(&self) -> io::Result<Reap> {
+        let mut state = self.lock();
+        match self.log {
+            DirtyLog::None => Ok(Reap::default()),
+            DirtyLog::Bitmap => self.sync_bitmap(&mut state),
+            DirtyLog::Ring => {
+                let mut reap = Reap::default();
+                let mut collected = 0u32;
+                for id in 0..state.rings.len() {
+                    let harvested = self.harvest_ring(&mut state, id);
+                    collected += harvested;
+                    let entries = state.rings[id].map.entries();
+                    reap.max_ring_fill = reap
+                        .max_ring_fill
+                        .max(f64::from(harvested) / f64::from(entries));
+                }
+                reap.harvested = state.harvested.len() as u64;
+                self.reset_and_publish(&mut state, collected)?;
+                Ok(reap)
+            }
+        }
+    }
+
+    /// Handles vCPU `id`'s `KVM_EXIT_DIRTY_RING_FULL`: reaps every ring (so that no vCPU
+    /// is left to fill up), then makes sure this one has room before the vCPU re-enters.
+    pub fn ring_full(&self, id: u32) -> Result<(), RingFullError> {
+        self.vcpus[id as usize]
+            .ring_full_exits
+            .fetch_add(1, Ordering::Relaxed);
+        let mut state = self.lock();
+        let own_before = state.rings[id as usize].harvester.cursor();
+        let mut collected = 0;
+        for ring in 0..state.rings.len() {
+            collected += self.harvest_ring(&mut state, ring);
+        }
+        self.reset_and_publish(&mut state, collected)?;
+        let own = &mut state.rings[id as usize];
+        if own.harvester.cursor() != own_before {
+            own.empty_ring_full = 0;
+            return Ok(());
+        }
+        own.empty_ring_full += 1;
+        if own.empty_ring_full < EMPTY_RING_FULL_LIMIT {
+            return Ok(());
+        }
+        // The vCPU is outside KVM_RUN and its ring is over the soft limit, yet nothing is
+        // dirty at the cursor and there is no gap: the entries the kernel counts were lost.
+        // They are at least `entries - MAX_RESERVED_ENTRIES` from the cursor on.
+        let entries = own.map.entries();
+        let lost = own
+            .harvester
+            .skip_lost(&own.map, entries.saturating_sub(MAX_RESERVED_ENTRIES));
+        self.overflowed(id, lost, "ring-full exits harvested nothing");
+        let reset = self.reset_and_publish(&mut state, lost)?;
+        if reset == 0 {
+            return Err(RingFullError::Wedged(WedgedRing { vcpu: id }));
+        }
+        state.rings[id as usize].empty_ring_full = 0;
+        Ok(())
+    }
+
+    /// Reaps, then takes the pages dirtied since the last take.
+    pub fn take_dirty(&self) -> io::Result<DirtyPages> {
+        self.reap()?;
+        Ok(self.ram.take())
+    }
+
+    /// Harvests ring `id` into `state.harvested`; returns how many entries it marked
+    /// harvested (what the next reset should count for this ring).
+    fn harvest_ring(&self, state: &mut State, id: usize) -> u32 {
+        let State {
+            rings,
+            bounds,
+            harvested,
+            ..
+        } = state;
+        let ring = &mut rings[id];
+        let entries = ring.map.entries();
+        let mut marked = 0;
+        let mut valid = 0u64;
+        loop {
+            let h = ring
+                .harvester
+                .harvest(&ring.map, bounds, |_, page| harvested.push(page));
+            marked += h.harvested;
+            valid += u64::from(h.harvested - h.bad_entries);
+            let stats = &self.vcpus[id];
+            stats
+                .bad_entries
+                .fetch_add(h.bad_entries.into(), Ordering::Relaxed);
+            if h.harvested == entries {
+                self.overflowed(id as u32, 0, "a whole lap of the ring was dirty");
+            }
+            // A gap: lost entries at the cursor with dirty ones behind them.
+            match ring::first_dirty_after(&ring.map, ring.harvester.cursor()) {
+                Some(distance) if distance > 0 => {
+                    let lost = ring.harvester.skip_lost(&ring.map, distance);
+                    marked += lost;
+                    self.overflowed(id as u32, lost, "entries were lost before dirty ones");
+                }
+                _ => break,
+            }
+        }
+        self.vcpus[id].harvested.fetch_add(valid, Ordering::Relaxed);
+        marked
+    }
+
+    fn overflowed(&self, vcpu: u32, lost: u32, sign: &str) {
+        let stats = &self.vcpus[vcpu as usize];
+        stats.lost_entries.fetch_add(lost.into(), Ordering::Relaxed);
+        self.wedged_rings.fetch_add(1, Ordering::Relaxed);
+        self.ram.mark_incomplete();
+        // The first overflow of each ring is worth a line; the rest are counted (report).
+        if stats.overflows.fetch_add(1, Ordering::Relaxed) == 0 {
+            eprintln!(
+                "dirtyvm: warning: vCPU {vcpu}'s dirty ring overflowed ({sign}; {lost} entries \
+                 lost): treating all of guest memory as dirty and recovering the ring; later \
+                 overflows are counted in the report (wedged_rings). Larger rings \
+                 (--ring-entries) or a faster reaper avoid this"
+            );
+        }
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`, the count check, then publishing what was harvested.
+    fn reset_and_publish(&self, state: &mut State, collected: u32) -> io::Result<u32> {
+        let reset = if collected > 0 {
+            self.vm.reset_dirty_rings()?
+        } else {
+            0
+        };
+        if reset != collected {
+            self.reset_mismatches.fetch_add(1, Ordering::Relaxed);
+        }
+        for page in state.harvested.drain(..) {
+            self.ram.mark(page);
+        }
+        Ok(reset)
+    }
+
+    fn sync_bitmap(&self, state: &mut State) -> io::Result<Reap> {
+        let pages = self.ram.pages();
+        self.vm.get_dirty_log(guest::RAM_SLOT, &mut state.bitmap)?;
+        if self.manual_protect {
+            // Re-arm exactly the pages this GET reported, in chunks the kernel accepts
+            // (64-page aligned; whole slot here), before publishing them.
+            if state.bitmap.iter().any(|&w| w != 0) {
+                self.vm
+                    .clear_dirty_log(guest::RAM_SLOT, 0, pages as u32, &state.bitmap)?;
+            }
+        }
+        let dirty: u64 = state.bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
+        self.bitmap_harvested.fetch_add(dirty, Ordering::Relaxed);
+        self.ram.mark_bitmap(&state.bitmap);
+        Ok(Reap {
+            harvested: dirty,
+            max_ring_fill: 0.0,
+        })
+    }
+}
+
+/// Why a ring-full exit could not be handled.
+#[derive(Debug)]
+pub enum RingFullError {
+    /// `KVM_RESET_DIRTY_RINGS` failed.
+    Reset(io::Error),
+    /// The ring is wedged for good.
+    Wedged(WedgedRing),
+}
+
+impl From<io::Error> for RingFullError {
+    fn from(e: io::Error) -> RingFullError {
+        RingFullError::Reset(e)
+    }
+}
+
+impl fmt::Display for RingFullError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RingFullError::Reset(e) => write!(f, "KVM_RESET_DIRTY_RINGS failed: {e}"),
+            RingFullError::Wedged(w) => w.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for RingFullError {}
