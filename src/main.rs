@@ -34,7 +34,7 @@ Exit codes: 0 success, 2 bad usage or input, 3 KVM unavailable or lacking a need
 1 any other failure.";
 
 #[derive(Debug, Parser)]
-#[command(name = "dirtyvm", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(name = "dirtyvm", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = WORKLOAD_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -54,8 +54,8 @@ enum Command {
     Run(RunArgs),
 }
 
-#[derive(Debug, Args)]
-#[command(after_long_help = "\
+/// The workload grammar, shown by `dirtyvm --help` and `dirtyvm run --help`.
+const WORKLOAD_HELP: &str = "\
 Workload SPEC (the i-th --workload applies to vCPU i; vCPUs without one are idle):
   write:SIZE[@MIBPS]         write one byte per 4 KiB page, sequentially over SIZE,
                              optionally paced to MIBPS
@@ -67,7 +67,10 @@ own region of guest memory, so the working sets together must fit in --memory.
 
 Example:
   dirtyvm run --vcpus 2 --memory 256M --workload write:64M --workload read:64M \\
-      --duration 3 --report r.json")]
+      --duration 3 --report r.json";
+
+#[derive(Debug, Args)]
+#[command(after_long_help = WORKLOAD_HELP)]
 struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2, value_name = "N")]
@@ -92,7 +95,7 @@ struct RunArgs {
     #[arg(long, default_value = "adaptive", value_name = "adaptive|fixed:MS")]
     reaper: Cadence,
     /// Stop after this many seconds (otherwise run until SIGINT or SIGTERM).
-    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
     duration: Option<Duration>,
     /// Write a JSON report here at exit.
     #[arg(long, value_name = "PATH")]
