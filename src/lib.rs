@@ -13,6 +13,7 @@ pub mod bitmap;
 pub mod guest;
 #[allow(unsafe_code)]
 pub mod kvm;
+pub mod rate;
 pub mod reaper;
 pub mod report;
 pub mod ring;

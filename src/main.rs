@@ -12,6 +12,10 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::Serialize;
 
 use dirtyvm::guest::{self, GuestStats, Workload};
+use dirtyvm::rate::{
+    Measurement, RateMode, RateRequest, RateStatus, DEFAULT_SAMPLE_PAGES, MAX_CALC_TIME_MS,
+    MIN_CALC_TIME_MS,
+};
 use dirtyvm::reaper::{Cadence, ReaperStats};
 use dirtyvm::report::{pages_to_mibps, Report, VcpuReport};
 use dirtyvm::tracking::DirtyLog;
@@ -94,12 +98,55 @@ struct RunArgs {
     /// (`fixed:1000` is the reference design).
     #[arg(long, default_value = "adaptive", value_name = "adaptive|fixed:MS")]
     reaper: Cadence,
+    /// Measure the dirty rate back to back through the run, each result printed beside the
+    /// ground truth: MODE is page-sampling, dirty-ring or dirty-bitmap, MS the window
+    /// (50 to 60000, default 1000).
+    #[arg(long, value_name = "MODE[:MS]")]
+    calc_dirty_rate: Option<RateSpec>,
+    /// Sampled pages per GiB of guest memory for page-sampling (128 to 16384).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SAMPLE_PAGES)]
+    sample_pages: u64,
     /// Stop after this many seconds (otherwise run until SIGINT or SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
     duration: Option<Duration>,
     /// Write a JSON report here at exit.
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
+}
+
+/// `--calc-dirty-rate MODE[:MS]`.
+#[derive(Debug, Clone, Copy)]
+struct RateSpec {
+    mode: RateMode,
+    calc_time_ms: u64,
+}
+
+impl std::str::FromStr for RateSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<RateSpec, String> {
+        let (mode, ms) = match text.split_once(':') {
+            Some((mode, ms)) => (mode, Some(ms)),
+            None => (text, None),
+        };
+        let calc_time_ms = match ms {
+            None => 1000,
+            Some(ms) => ms
+                .parse()
+                .ok()
+                .filter(|ms| (MIN_CALC_TIME_MS..=MAX_CALC_TIME_MS).contains(ms))
+                .ok_or_else(|| {
+                    format!(
+                        "window '{ms}' is not a number of milliseconds from {MIN_CALC_TIME_MS} \
+                         to {MAX_CALC_TIME_MS}"
+                    )
+                })?,
+        };
+        Ok(RateSpec {
+            mode: mode.parse()?,
+            calc_time_ms,
+        })
+    }
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -160,6 +207,8 @@ fn demo_args() -> RunArgs {
         dirty_log: DirtyLog::Ring,
         ring_entries: None,
         reaper: Cadence::Adaptive,
+        calc_dirty_rate: None,
+        sample_pages: DEFAULT_SAMPLE_PAGES,
         duration: Some(Duration::from_secs(5)),
         report: None,
     }
@@ -185,6 +234,27 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             ),
         });
     }
+    let rate = args
+        .calc_dirty_rate
+        .map(|spec| RateRequest {
+            mode: spec.mode,
+            calc_time_ms: spec.calc_time_ms,
+            sample_pages: args.sample_pages,
+        })
+        .map(|request| {
+            request
+                .check(args.dirty_log)
+                .map(|()| request)
+                .map_err(|e| Failure {
+                    code: 2,
+                    message: format!(
+                        "--calc-dirty-rate {}: {e} (page-sampling works with any --dirty-log; \
+                     dirty-ring needs --dirty-log ring; dirty-bitmap needs --dirty-log bitmap)",
+                        request.mode
+                    ),
+                })
+        })
+        .transpose()?;
     let config = VmConfig {
         vcpus: args.vcpus,
         memory: args.memory,
@@ -212,12 +282,13 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             None => "running until Ctrl-C".to_string(),
         }
     );
-    let reason = watch(&machine, args.duration);
+    let (reason, measurements) = watch(&machine, args.duration, rate);
     let stats = machine.guest_stats();
     let elapsed = machine.started().elapsed().as_secs_f64();
     let reaper = machine.reaper().map(|r| r.stats());
     let shutdown = machine.shutdown();
-    let report = build_report(&machine, &stats, elapsed, &reason, reaper);
+    let mut report = build_report(&machine, &stats, elapsed, &reason, reaper);
+    report.dirty_rate = measurements;
 
     print_summary(&report);
     if let Some(path) = &args.report {
@@ -251,33 +322,86 @@ fn spawn_signal_waiter(signals: SigSet, stop: Arc<Stop>) {
     }
 }
 
-/// Prints one progress line per vCPU each second until the run stops; returns why.
-fn watch(machine: &Machine, duration: Option<Duration>) -> StopReason {
+/// How often the launcher looks at the VM between progress lines.
+const TICK: Duration = Duration::from_millis(100);
+/// How often it prints a progress line per vCPU.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until the VM stops: a progress line per vCPU each second, and back-to-back dirty-rate
+/// measurements when asked. Returns why it stopped and the measurements.
+fn watch(
+    machine: &Machine,
+    duration: Option<Duration>,
+    rate: Option<RateRequest>,
+) -> (StopReason, Vec<Measurement>) {
     let deadline = duration.map(|d| machine.started() + d);
-    let harvested = |id: u32| machine.tracker().vcpu(id).harvested.load(Ordering::Relaxed);
-    let mut last = machine.guest_stats();
-    let mut last_harvested: Vec<u64> = (0..last.len() as u32).map(harvested).collect();
-    let mut last_at = Instant::now();
-    println!(
-        "{:>7}  {:>4}  {:<24} {:>14} {:>14} {:>15}",
-        "time", "vcpu", "workload", "written MiB/s", "read MiB/s", "harvested MiB/s"
-    );
+    let mut progress = Progress::new(machine);
+    let mut measurements = Vec::new();
+    let mut measuring = false;
     loop {
         let now = Instant::now();
-        let wait = match deadline {
-            Some(d) if d <= now => return machine.stop().reason().unwrap_or(StopReason::Duration),
-            Some(d) => (d - now).min(Duration::from_secs(1)),
-            None => Duration::from_secs(1),
-        };
+        if deadline.is_some_and(|d| d <= now) {
+            let reason = machine.stop().reason().unwrap_or(StopReason::Duration);
+            return (reason, measurements);
+        }
+        let wait = deadline.map_or(TICK, |d| (d - now).min(TICK));
         if let Some(reason) = machine.stop().wait_timeout(wait) {
-            return reason;
+            return (reason, measurements);
+        }
+        if let Some(request) = rate {
+            let meter = machine.rate_meter();
+            if measuring && meter.state().status == RateStatus::Measured {
+                measuring = false;
+                if let Some(m) = meter.state().last {
+                    print_measurement(&m);
+                    measurements.push(m);
+                }
+            }
+            // Start another only if it can finish before the run ends.
+            let room = deadline
+                .is_none_or(|d| Instant::now() + Duration::from_millis(request.calc_time_ms) < d);
+            if !measuring && room {
+                match meter.start(request) {
+                    Ok(()) => measuring = true,
+                    Err(e) => eprintln!("dirtyvm: warning: dirty-rate measurement: {e}"),
+                }
+            }
+        }
+        progress.print_if_due(machine);
+    }
+}
+
+/// The once-a-second progress lines.
+struct Progress {
+    last: Vec<GuestStats>,
+    last_harvested: Vec<u64>,
+    at: Instant,
+}
+
+impl Progress {
+    fn new(machine: &Machine) -> Progress {
+        println!(
+            "{:>7}  {:>4}  {:<24} {:>14} {:>14} {:>15}",
+            "time", "vcpu", "workload", "written MiB/s", "read MiB/s", "harvested MiB/s"
+        );
+        Progress {
+            last: machine.guest_stats(),
+            last_harvested: harvested(machine),
+            at: Instant::now(),
+        }
+    }
+
+    fn print_if_due(&mut self, machine: &Machine) {
+        if self.at.elapsed() < PROGRESS_EVERY {
+            return;
         }
         let stats = machine.guest_stats();
-        let secs = last_at.elapsed().as_secs_f64();
-        last_at = Instant::now();
+        let harvested = harvested(machine);
+        let secs = self.at.elapsed().as_secs_f64();
+        self.at = Instant::now();
         let t = machine.started().elapsed().as_secs_f64();
-        for (plan, (now, before)) in machine.layout().vcpus().iter().zip(stats.iter().zip(&last)) {
-            let h = harvested(plan.id);
+        for (i, plan) in machine.layout().vcpus().iter().enumerate() {
+            let (now, before) = (&stats[i], &self.last[i]);
             println!(
                 "{:>6.1}s  {:>4}  {:<24} {:>14.1} {:>14.1} {:>15.1}",
                 t,
@@ -285,13 +409,40 @@ fn watch(machine: &Machine, duration: Option<Duration>) -> StopReason {
                 plan.workload.to_string(),
                 pages_to_mibps(now.pages_written - before.pages_written, secs),
                 pages_to_mibps(now.pages_read - before.pages_read, secs),
-                pages_to_mibps(h - last_harvested[plan.id as usize], secs),
+                pages_to_mibps(harvested[i] - self.last_harvested[i], secs),
             );
-            last_harvested[plan.id as usize] = h;
         }
         let _ = std::io::stdout().flush();
-        last = stats;
+        self.last = stats;
+        self.last_harvested = harvested;
     }
+}
+
+fn harvested(machine: &Machine) -> Vec<u64> {
+    (0..machine.vcpus().len() as u32)
+        .map(|id| machine.tracker().vcpu(id).harvested.load(Ordering::Relaxed))
+        .collect()
+}
+
+fn print_measurement(m: &Measurement) {
+    let error = if m.truth_mibps > 0.0 {
+        format!(
+            "{:+.1}%",
+            (m.rate_mibps - m.truth_mibps) / m.truth_mibps * 100.0
+        )
+    } else {
+        "n/a".to_string()
+    };
+    let mut line = format!(
+        "  dirty rate ({}, {:.0} ms): {:.1} MiB/s, truth {:.1} MiB/s, error {error}",
+        m.mode, m.calc_time_ms, m.rate_mibps, m.truth_mibps
+    );
+    if let Some(rates) = &m.vcpu_rates_mibps {
+        for (id, (rate, truth)) in rates.iter().zip(&m.vcpu_truth_mibps).enumerate() {
+            line += &format!("; vCPU {id} {rate:.1} (truth {truth:.1})");
+        }
+    }
+    println!("{line}");
 }
 
 fn build_report(
@@ -343,6 +494,7 @@ fn build_report(
         memory_bytes: machine.layout().memory(),
         tsc_khz: machine.tsc_khz(),
         vcpus,
+        dirty_rate: Vec::new(),
     }
 }
 

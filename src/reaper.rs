@@ -26,13 +26,13 @@ use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::sched::{self, Policy};
 use crate::tracking::{Reap, Tracker};
-use crate::vcpu::{Stop, StopReason, VcpuControl};
+use crate::vcpu::{kick_and_wait, Stop, StopReason, VcpuControl};
 
 /// Shortest adaptive interval.
 const MIN_INTERVAL: Duration = Duration::from_millis(5);
@@ -42,8 +42,6 @@ const MAX_INTERVAL: Duration = Duration::from_secs(1);
 const TARGET_FILL: f64 = 0.25;
 /// `SCHED_FIFO` priority of the reaper (low: it only needs to beat `SCHED_OTHER` vCPUs).
 const REAPER_PRIORITY: i32 = 10;
-/// How long a flush waits for one vCPU to leave `KVM_RUN` before giving up on it.
-const FLUSH_EXIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// When the reaper reaps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,22 +278,6 @@ fn next_interval(interval: Duration, reap: &Reap, ring_full_exits: bool) -> Dura
         grown
     };
     next.clamp(MIN_INTERVAL, MAX_INTERVAL)
-}
-
-/// Kicks every vCPU inside `KVM_RUN` and waits until each has left it once.
-fn kick_and_wait(vcpus: &[Arc<VcpuControl>]) {
-    let before: Vec<_> = vcpus.iter().map(|v| v.exits_taken()).collect();
-    for v in vcpus {
-        if v.in_guest() {
-            v.kick();
-        }
-    }
-    for (v, before) in vcpus.iter().zip(before) {
-        let deadline = Instant::now() + FLUSH_EXIT_TIMEOUT;
-        while v.in_guest() && v.exits_taken() == before && Instant::now() < deadline {
-            thread::sleep(Duration::from_micros(50));
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::rate::Measurement;
 use crate::reaper::ReaperStats;
 
 /// Pages of 4 KiB per MiB.
@@ -53,6 +54,9 @@ pub struct Report {
     pub tsc_khz: u32,
     /// One entry per vCPU, by id.
     pub vcpus: Vec<VcpuReport>,
+    /// Dirty-rate measurements, in order, each with the ground truth of its window.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dirty_rate: Vec<Measurement>,
 }
 
 /// One vCPU's line in the report.

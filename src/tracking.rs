@@ -30,12 +30,14 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use dirtyvm_sys as sys;
 
 use crate::bitmap::{DirtyPageSet, DirtyPages};
 use crate::guest;
 use crate::kvm::{DirtyRingMap, Vm};
+use crate::rate::{RateEstimate, RateEstimator};
 use crate::ring::{self, Harvester, SlotBounds, SlotStore};
 
 /// The dirty tracking mechanism of a VM.
@@ -139,9 +141,42 @@ struct RingState {
     empty_ring_full: u32,
 }
 
+/// Distinct pages dirtied since a measurement window opened: one bitmap and count per vCPU
+/// (rings) or one for the VM (bitmap). Lives under the tracker lock, like every harvest.
+struct Window {
+    sets: Vec<Vec<u64>>,
+    distinct: Vec<u64>,
+}
+
+impl Window {
+    fn new(sets: usize, pages: u64) -> Window {
+        Window {
+            sets: vec![vec![0; pages.div_ceil(64) as usize]; sets],
+            distinct: vec![0; sets],
+        }
+    }
+
+    fn mark(&mut self, set: usize, page: u64) {
+        let word = &mut self.sets[set][(page / 64) as usize];
+        let bit = 1 << (page % 64);
+        if *word & bit == 0 {
+            *word |= bit;
+            self.distinct[set] += 1;
+        }
+    }
+
+    fn mark_bitmap(&mut self, bitmap: &[u64]) {
+        for (word, &bits) in self.sets[0].iter_mut().zip(bitmap) {
+            self.distinct[0] += u64::from((bits & !*word).count_ones());
+            *word |= bits;
+        }
+    }
+}
+
 struct State {
     rings: Vec<RingState>,
     bounds: SlotBounds,
+    window: Option<Window>,
     /// Pages harvested in this pass, published after the reset.
     harvested: Vec<u64>,
     /// Bitmap mode: the slot bitmap from `KVM_GET_DIRTY_LOG`.
@@ -163,6 +198,8 @@ pub struct Tracker {
     reset_mismatches: AtomicU64,
     /// Overflowed rings detected, all vCPUs.
     wedged_rings: AtomicU64,
+    /// Per-vCPU rates from the harvested counts, updated on every reap.
+    estimator: Mutex<RateEstimator>,
 }
 
 impl fmt::Debug for Tracker {
@@ -198,6 +235,7 @@ impl Tracker {
                     })
                     .collect(),
                 bounds,
+                window: None,
                 harvested: Vec::new(),
                 bitmap: vec![0; ram_pages.div_ceil(64) as usize],
             }),
@@ -206,6 +244,7 @@ impl Tracker {
             bitmap_harvested: AtomicU64::new(0),
             reset_mismatches: AtomicU64::new(0),
             wedged_rings: AtomicU64::new(0),
+            estimator: Mutex::new(RateEstimator::new(vcpus)),
         }
     }
 
@@ -244,6 +283,15 @@ impl Tracker {
         self.wedged_rings.load(Ordering::Relaxed)
     }
 
+    /// The continuous per-vCPU rate estimates (ring mode; zero otherwise).
+    pub fn rate_estimates(&self) -> Vec<RateEstimate> {
+        self.estimator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .estimates()
+            .to_vec()
+    }
+
     /// Resets whose count differed from what had been harvested.
     pub fn reset_mismatches(&self) -> u64 {
         self.reset_mismatches.load(Ordering::Relaxed)
@@ -255,15 +303,18 @@ impl Tracker {
 
     /// Harvests every ring (or syncs the bitmap) and resets, publishing the dirtied pages.
     pub fn reap(&self) -> io::Result<Reap> {
-        let mut state = self.lock();
+        self.reap_locked(&mut self.lock())
+    }
+
+    fn reap_locked(&self, state: &mut State) -> io::Result<Reap> {
         match self.log {
             DirtyLog::None => Ok(Reap::default()),
-            DirtyLog::Bitmap => self.sync_bitmap(&mut state),
+            DirtyLog::Bitmap => self.sync_bitmap(state),
             DirtyLog::Ring => {
                 let mut reap = Reap::default();
                 let mut collected = 0u32;
                 for id in 0..state.rings.len() {
-                    let harvested = self.harvest_ring(&mut state, id);
+                    let harvested = self.harvest_ring(state, id);
                     collected += harvested;
                     let entries = state.rings[id].map.entries();
                     reap.max_ring_fill = reap
@@ -271,7 +322,16 @@ impl Tracker {
                         .max(f64::from(harvested) / f64::from(entries));
                 }
                 reap.harvested = state.harvested.len() as u64;
-                self.reset_and_publish(&mut state, collected)?;
+                self.reset_and_publish(state, collected)?;
+                self.estimator
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .update(
+                        Instant::now(),
+                        self.vcpus
+                            .iter()
+                            .map(|v| v.harvested.load(Ordering::Relaxed)),
+                    );
                 Ok(reap)
             }
         }
@@ -315,6 +375,31 @@ impl Tracker {
         Ok(())
     }
 
+    /// Opens a measurement window: reaps (what was dirtied before is not counted), then
+    /// counts distinct pages dirtied from now on, per vCPU with rings, for the VM with the
+    /// bitmap. Kick the vCPUs first on hosts with hardware dirty buffers (PML).
+    pub fn open_window(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        self.reap_locked(&mut state)?;
+        let sets = match self.log {
+            DirtyLog::Ring => self.vcpus.len(),
+            DirtyLog::Bitmap | DirtyLog::None => 1,
+        };
+        state.window = Some(Window::new(sets, self.ram.pages()));
+        Ok(())
+    }
+
+    /// Closes the window opened by [`Tracker::open_window`] after a last reap; returns the
+    /// distinct pages dirtied in it, per vCPU with rings (one count with the bitmap), or
+    /// `None` if no window was open.
+    pub fn close_window(&self) -> io::Result<Option<Vec<u64>>> {
+        let mut state = self.lock();
+        let reaped = self.reap_locked(&mut state);
+        let window = state.window.take();
+        reaped?;
+        Ok(window.map(|w| w.distinct))
+    }
+
     /// Reaps, then takes the pages dirtied since the last take.
     pub fn take_dirty(&self) -> io::Result<DirtyPages> {
         self.reap()?;
@@ -328,6 +413,7 @@ impl Tracker {
             rings,
             bounds,
             harvested,
+            window,
             ..
         } = state;
         let ring = &mut rings[id];
@@ -335,9 +421,14 @@ impl Tracker {
         let mut marked = 0;
         let mut valid = 0u64;
         loop {
-            let h = ring
-                .harvester
-                .harvest(&ring.map, bounds, |_, page| harvested.push(page));
+            let h = ring.harvester.harvest(&ring.map, bounds, |_, page| {
+                harvested.push(page);
+                // Counting only: a window never reads page contents, so it need not
+                // wait for the reset like the dirty-page set does.
+                if let Some(window) = window.as_mut() {
+                    window.mark(id, page);
+                }
+            });
             marked += h.harvested;
             valid += u64::from(h.harvested - h.bad_entries);
             let stats = &self.vcpus[id];
@@ -407,6 +498,9 @@ impl Tracker {
         let dirty: u64 = state.bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
         self.bitmap_harvested.fetch_add(dirty, Ordering::Relaxed);
         self.ram.mark_bitmap(&state.bitmap);
+        if let Some(window) = state.window.as_mut() {
+            window.mark_bitmap(&state.bitmap);
+        }
         Ok(Reap {
             harvested: dirty,
             max_ring_fill: 0.0,

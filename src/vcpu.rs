@@ -7,7 +7,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle, Thread};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 
@@ -251,4 +251,23 @@ fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, tracker: &Tracker) -> Result<
     };
     *control.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
     result
+}
+
+/// How long a flush waits for one vCPU to leave `KVM_RUN` before giving up on it.
+const FLUSH_EXIT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Kicks every vCPU inside `KVM_RUN` and waits until each has left it once.
+pub fn kick_and_wait(vcpus: &[Arc<VcpuControl>]) {
+    let before: Vec<_> = vcpus.iter().map(|v| v.exits_taken()).collect();
+    for v in vcpus {
+        if v.in_guest() {
+            v.kick();
+        }
+    }
+    for (v, before) in vcpus.iter().zip(before) {
+        let deadline = Instant::now() + FLUSH_EXIT_TIMEOUT;
+        while v.in_guest() && v.exits_taken() == before && Instant::now() < deadline {
+            thread::sleep(Duration::from_micros(50));
+        }
+    }
 }

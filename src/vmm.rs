@@ -10,6 +10,7 @@ use dirtyvm_sys as sys;
 
 use crate::guest::{self, GuestStats, Layout, LayoutError, Workload};
 use crate::kvm::{self, GuestMemory, Kvm, Vcpu, Vm};
+use crate::rate::{DirtyRateMeter, RateSources};
 use crate::reaper::{Cadence, Reaper};
 use crate::tracking::{DirtyLog, Tracker, MIN_RING_ENTRIES};
 use crate::vcpu::{Stop, VcpuControl, VcpuThread};
@@ -241,6 +242,7 @@ pub struct Machine {
     controls: Vec<Arc<VcpuControl>>,
     threads: Vec<VcpuThread>,
     reaper: Option<Reaper>,
+    meter: DirtyRateMeter,
     tracker: Arc<Tracker>,
     vm: Arc<Vm>,
     layout: Layout,
@@ -316,10 +318,20 @@ impl Machine {
                 }
             }
         };
+        let controls: Vec<_> = threads.iter().map(|t| t.control().clone()).collect();
+        let memory = |id| vm.slot(id).expect("slot exists").memory.clone();
+        let meter = DirtyRateMeter::new(RateSources {
+            ram: memory(guest::RAM_SLOT),
+            system: memory(guest::SYSTEM_SLOT),
+            layout: layout.clone(),
+            tracker: tracker.clone(),
+            vcpus: controls.clone(),
+        });
         Ok(Machine {
-            controls: threads.iter().map(|t| t.control().clone()).collect(),
+            controls,
             threads,
             reaper,
+            meter,
             tracker,
             vm,
             layout,
@@ -385,9 +397,15 @@ impl Machine {
         self.reaper.as_ref()
     }
 
+    /// The dirty-rate meter.
+    pub fn rate_meter(&self) -> &DirtyRateMeter {
+        &self.meter
+    }
+
     /// Stops every vCPU thread and joins it, reaps what they left in the rings, then stops
     /// the reaper. Counters stay readable afterwards. Idempotent.
     pub fn shutdown(&mut self) -> Result<(), VmmError> {
+        self.meter.cancel();
         for thread in &self.threads {
             thread.control().request_stop();
         }

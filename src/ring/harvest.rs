@@ -1,6 +1,8 @@
 //! The consumer side of the ring: harvesting dirtied entries in order.
 
 use super::{DirtyEntry, DirtyGfn, SlotBounds, SlotStore, DIRTY, FLAG_MASK, RESET};
+use std::hint;
+
 use crate::sync::Ordering;
 
 /// What one [`Harvester::harvest`] call did.
@@ -103,8 +105,10 @@ impl Harvester {
         let start = self.cursor;
         let first = start & (entries - 1);
         let mut pass = Pass {
-            next: start,
-            cursor: &mut self.cursor,
+            cursor: CursorGuard {
+                next: start,
+                cursor: &mut self.cursor,
+            },
             bounds,
             dirtied,
             reset_order,
@@ -134,7 +138,7 @@ impl Harvester {
             }
         }
         Harvest {
-            harvested: pass.next.wrapping_sub(start),
+            harvested: pass.cursor.next.wrapping_sub(start),
             bad_entries: pass.bad_entries,
             foreign_flag_bits: pass.foreign_flag_bits,
         }
@@ -143,11 +147,7 @@ impl Harvester {
 
 /// The state of one harvest call, kept in registers by the compiler.
 struct Pass<'a, F> {
-    /// Fetch index of the next entry; written back to `cursor` on drop, also
-    /// if `dirtied` panics, so that the cursor always points at the first entry
-    /// this harvester has not marked RESET.
-    next: u32,
-    cursor: &'a mut u32,
+    cursor: CursorGuard<'a>,
     bounds: &'a SlotBounds,
     dirtied: F,
     reset_order: Ordering,
@@ -161,7 +161,7 @@ struct Pass<'a, F> {
 }
 
 impl<F: FnMut(u16, u64)> Pass<'_, F> {
-    /// Harvests `gfn`, the entry at fetch index `self.next`, if it is dirtied;
+    /// Harvests `gfn`, the entry at fetch index `self.cursor.next`, if it is dirtied;
     /// returns whether it was.
     #[inline(always)]
     fn step(&mut self, gfn: &DirtyGfn) -> bool {
@@ -169,7 +169,10 @@ impl<F: FnMut(u16, u64)> Pass<'_, F> {
         // kvm_dirty_ring_push (store-release in MockKernel::push), so the
         // slot/offset read below are the ones published with DIRTY.
         let flags = gfn.flags.load(Ordering::Acquire);
+        // The hot path is straight-line: exactly DIRTY, the current slot run,
+        // a page inside it. Every other case is marked cold.
         if flags != DIRTY {
+            hint::cold_path();
             if flags & FLAG_MASK != DIRTY {
                 return false;
             }
@@ -179,21 +182,17 @@ impl<F: FnMut(u16, u64)> Pass<'_, F> {
         let slot = gfn.slot.load(Ordering::Relaxed);
         // Relaxed: ordered after the Acquire load of flags above.
         let offset = gfn.offset.load(Ordering::Relaxed);
-        let valid = if slot == self.run_slot {
-            offset < self.run_pages
-        } else {
-            match slot_pages(self.bounds, slot) {
-                Some(pages) => {
-                    (self.run_slot, self.run_pages) = (slot, pages);
-                    offset < pages
-                }
-                None => false,
+        if slot != self.run_slot {
+            hint::cold_path();
+            if let Some(pages) = slot_pages(self.bounds, slot) {
+                (self.run_slot, self.run_pages) = (slot, pages);
             }
-        };
-        if valid {
+        }
+        if slot == self.run_slot && offset < self.run_pages {
             // Cannot truncate: a valid slot names address space 0.
             (self.dirtied)(slot as u16, offset);
         } else {
+            hint::cold_path();
             self.bad_entries += 1;
         }
         // Release (as passed by `harvest`): pairs with the load-acquire of
@@ -202,22 +201,31 @@ impl<F: FnMut(u16, u64)> Pass<'_, F> {
         // another CPU: it must see the payload the producer published, which
         // this thread acquired above, not a stale one.
         gfn.flags.store(RESET, self.reset_order);
-        self.next = self.next.wrapping_add(1);
+        self.cursor.next = self.cursor.next.wrapping_add(1);
         true
     }
 }
 
-impl<F> Drop for Pass<'_, F> {
+/// The fetch index of the next entry during a harvest, kept in a register and
+/// written back to the [`Harvester`] when the harvest ends, also if `dirtied`
+/// panics, so that the cursor always points at the first entry this harvester
+/// has not marked RESET. (A guard of its own, so that only it escapes into the
+/// drop glue, not the whole pass with the caller's closure.)
+struct CursorGuard<'a> {
+    next: u32,
+    cursor: &'a mut u32,
+}
+
+impl Drop for CursorGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         *self.cursor = self.next;
     }
 }
 
 /// The size of the slot a raw `slot` field names, if it is a tracked slot of
-/// address space 0. Out of line: the harvest loop calls it only when a run of
-/// entries of one slot ends.
-#[cold]
-#[inline(never)]
+/// address space 0.
+#[inline]
 fn slot_pages(bounds: &SlotBounds, slot: u32) -> Option<u64> {
     bounds.pages_of(DirtyEntry { slot, offset: 0 }).ok()
 }
