@@ -12,6 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::Serialize;
 
 use dirtyvm::guest::{self, GuestStats, Workload};
+use dirtyvm::limit::LimitAlgo;
 use dirtyvm::rate::{
     Measurement, RateMode, RateRequest, RateStatus, DEFAULT_SAMPLE_PAGES, MAX_CALC_TIME_MS,
     MIN_CALC_TIME_MS,
@@ -106,6 +107,21 @@ struct RunArgs {
     /// Sampled pages per GiB of guest memory for page-sampling (128 to 16384).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SAMPLE_PAGES)]
     sample_pages: u64,
+    /// Limit every vCPU's dirty rate to MIBPS MiB/s from the start (with --throttle
+    /// auto-converge: the VM's rate, by slowing every vCPU alike instead).
+    #[arg(long, value_name = "MIBPS", value_parser = parse_rate)]
+    dirty_limit: Option<f64>,
+    /// Limit one vCPU's dirty rate (repeatable): vCPU ID to MIBPS MiB/s.
+    #[arg(long, value_name = "ID=MIBPS", value_parser = parse_vcpu_limit)]
+    vcpu_dirty_limit: Vec<(u32, f64)>,
+    /// Dirty-limit algorithm: `quota` (dirtyvm's: a per-vCPU page quota enforced with
+    /// kicks, independent of ring size) or `reference` (QEMU's, computed exactly).
+    #[arg(long, default_value = "quota", value_name = "quota|reference")]
+    limit_algo: LimitAlgo,
+    /// With --dirty-limit: the classic whole-VM throttle instead of per-vCPU limits, raised
+    /// 20, 30, ... 99 % until the VM's dirty rate is under the limit; slows every vCPU alike.
+    #[arg(long, value_name = "auto-converge", value_parser = ["auto-converge"])]
+    throttle: Option<String>,
     /// Stop after this many seconds (otherwise run until SIGINT or SIGTERM).
     #[arg(long, value_name = "SECS", value_parser = parse_duration, allow_negative_numbers = true)]
     duration: Option<Duration>,
@@ -147,6 +163,23 @@ impl std::str::FromStr for RateSpec {
             calc_time_ms,
         })
     }
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a positive rate in MiB/s")),
+    }
+}
+
+fn parse_vcpu_limit(text: &str) -> Result<(u32, f64), String> {
+    let (id, rate) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not ID=MIBPS (for example 0=64)"))?;
+    let id = id
+        .parse()
+        .map_err(|_| format!("vCPU id '{id}' in '{text}' is not a number"))?;
+    Ok((id, parse_rate(rate)?))
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -209,6 +242,10 @@ fn demo_args() -> RunArgs {
         reaper: Cadence::Adaptive,
         calc_dirty_rate: None,
         sample_pages: DEFAULT_SAMPLE_PAGES,
+        dirty_limit: None,
+        vcpu_dirty_limit: Vec::new(),
+        limit_algo: LimitAlgo::Quota,
+        throttle: None,
         duration: Some(Duration::from_secs(5)),
         report: None,
     }
@@ -262,8 +299,58 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         dirty_log: args.dirty_log,
         ring_entries: args.ring_entries,
         reaper: args.reaper,
+        limit_algo: args.limit_algo,
     };
+    let usage = |message: String| Failure { code: 2, message };
+    if args.throttle.is_some() && (args.dirty_limit.is_none() || !args.vcpu_dirty_limit.is_empty())
+    {
+        return Err(usage(
+            "--throttle auto-converge needs --dirty-limit MIBPS (the VM rate to get under) \
+             and no --vcpu-dirty-limit"
+                .into(),
+        ));
+    }
+    if let Some(&(id, _)) = args
+        .vcpu_dirty_limit
+        .iter()
+        .find(|(id, _)| *id >= args.vcpus)
+    {
+        return Err(usage(format!(
+            "--vcpu-dirty-limit {id}=...: there is no vCPU {id} (vCPUs are 0 to {})",
+            args.vcpus.saturating_sub(1)
+        )));
+    }
+    let limiting = args.dirty_limit.is_some() || !args.vcpu_dirty_limit.is_empty();
+    if limiting && args.dirty_log == DirtyLog::None {
+        return Err(usage(
+            "a dirty limit needs dirty tracking: use --dirty-log ring (the default)".into(),
+        ));
+    }
+    if limiting && args.throttle.is_none() && args.dirty_log != DirtyLog::Ring {
+        return Err(usage(
+            "per-vCPU dirty limits need --dirty-log ring (per-vCPU rings); the bitmap has no \
+             per-vCPU split"
+                .into(),
+        ));
+    }
     let mut machine = Machine::boot(&config)?;
+    let limited = match (args.throttle.is_some(), args.dirty_limit) {
+        (true, Some(target)) => machine.limiter().set_auto_converge(target),
+        (false, all) => all
+            .map(|mibps| machine.limiter().set_limit(None, mibps, None))
+            .into_iter()
+            .chain(
+                args.vcpu_dirty_limit
+                    .iter()
+                    .map(|&(id, mibps)| machine.limiter().set_limit(Some(id), mibps, None)),
+            )
+            .collect(),
+        (true, None) => Ok(()),
+    };
+    if let Err(e) = limited {
+        let _ = machine.shutdown();
+        return Err(usage(e.to_string()));
+    }
     spawn_signal_waiter(signals, machine.stop().clone());
 
     let tracking = match (config.dirty_log, machine.tracker().ring_entries()) {
@@ -474,7 +561,7 @@ fn build_report(
                 .load(Ordering::Relaxed),
             bad_entries: tracker.vcpu(plan.id).bad_entries.load(Ordering::Relaxed),
             lost_entries: tracker.vcpu(plan.id).lost_entries.load(Ordering::Relaxed),
-            penalty_ms_total: 0.0,
+            penalty_ms_total: machine.limiter().penalty(plan.id).ms_total,
             hlt_exits: control.exits.hlt.load(Ordering::Relaxed),
             kicks: control.exits.interrupted.load(Ordering::Relaxed),
         })
@@ -495,6 +582,7 @@ fn build_report(
         tsc_khz: machine.tsc_khz(),
         vcpus,
         dirty_rate: Vec::new(),
+        dirty_limit: Some(machine.limiter().report()).filter(|r| !r.series.is_empty()),
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::limit::LimitReport;
 use crate::rate::Measurement;
 use crate::reaper::ReaperStats;
 
@@ -57,6 +58,9 @@ pub struct Report {
     /// Dirty-rate measurements, in order, each with the ground truth of its window.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dirty_rate: Vec<Measurement>,
+    /// The dirty limiter's series, when a limit or the throttle was in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_limit: Option<LimitReport>,
 }
 
 /// One vCPU's line in the report.

@@ -5,14 +5,22 @@
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 
 use crate::kvm::{ImmediateExit, Vcpu, VcpuExit, KICK_SIGNAL};
+use crate::limit::PenaltySlot;
 use crate::tracking::{RingFullError, Tracker};
+
+/// Nanoseconds since the first call in this process: the clock penalties are set on.
+pub fn monotonic_ns() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    // Never 0 once started, so 0 can mean "no deadline".
+    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
 
 /// Why the VM is stopping. The first reason given wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +107,14 @@ pub struct VcpuControl {
     in_guest: AtomicBool,
     /// Exit counters.
     pub exits: ExitCounters,
+    /// The dirty-limit or throttle penalty to serve, published by the controller.
+    pub penalty: PenaltySlot,
+    /// Penalty time served, ns (completed sleeps).
+    penalty_ns: AtomicU64,
+    /// When the current penalty sleep began ([`monotonic_ns`]), 0 when not asleep.
+    asleep_since_ns: AtomicU64,
+    /// When `KVM_RUN` last returned ([`monotonic_ns`]).
+    last_exit_ns: AtomicU64,
 }
 
 impl VcpuControl {
@@ -138,6 +154,46 @@ impl VcpuControl {
         self.exits.all.load(Ordering::Acquire)
     }
 
+    /// Penalty time served up to `now_ns`, including a sleep in progress.
+    pub fn penalty_ns(&self, now_ns: u64) -> u64 {
+        // Relaxed: statistics; the two loads may be a sleep apart, which the max absorbs.
+        let done = self.penalty_ns.load(Ordering::Relaxed);
+        let since = self.asleep_since_ns.load(Ordering::Relaxed);
+        done + if since == 0 {
+            0
+        } else {
+            now_ns.saturating_sub(since)
+        }
+    }
+
+    /// When `KVM_RUN` last returned, on the [`monotonic_ns`] clock.
+    pub fn last_exit_ns(&self) -> u64 {
+        // Relaxed: a timestamp for the latency estimate, read after `exits_taken` moved.
+        self.last_exit_ns.load(Ordering::Relaxed)
+    }
+
+    /// Serves the published penalty, if one is due: sleeps outside `KVM_RUN` until its
+    /// deadline, waking early for a stop, a cancel or a shorter deadline.
+    fn serve_penalty(&self) {
+        let start = monotonic_ns();
+        if self.penalty.until() <= start {
+            return;
+        }
+        // Relaxed: statistics read by the controller, no data published with it.
+        self.asleep_since_ns.store(start, Ordering::Relaxed);
+        loop {
+            let now = monotonic_ns();
+            let until = self.penalty.until();
+            if until <= now || self.stop_requested() {
+                break;
+            }
+            thread::park_timeout(Duration::from_nanos(until - now));
+        }
+        let end = monotonic_ns();
+        self.penalty_ns.fetch_add(end - start, Ordering::Relaxed);
+        self.asleep_since_ns.store(0, Ordering::Relaxed);
+    }
+
     fn stop_requested(&self) -> bool {
         // Acquire: pairs with the Release store in `request_stop`.
         self.stop.load(Ordering::Acquire)
@@ -162,6 +218,10 @@ impl VcpuThread {
             thread: Mutex::new(None),
             in_guest: AtomicBool::new(false),
             exits: ExitCounters::default(),
+            penalty: PenaltySlot::default(),
+            penalty_ns: AtomicU64::new(0),
+            asleep_since_ns: AtomicU64::new(0),
+            last_exit_ns: AtomicU64::new(0),
         });
         let shared = control.clone();
         let handle = thread::Builder::new()
@@ -221,10 +281,14 @@ fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, tracker: &Tracker) -> Result<
         if control.stop_requested() {
             break Ok(());
         }
+        control.serve_penalty();
         // Release: pairs with the Acquire load in `in_guest`.
         control.in_guest.store(true, Ordering::Release);
         let exit = vcpu.run();
         control.in_guest.store(false, Ordering::Release);
+        control
+            .last_exit_ns
+            .store(monotonic_ns(), Ordering::Relaxed);
         // Release: pairs with the Acquire load in `exits_taken`.
         control.exits.all.fetch_add(1, Ordering::Release);
         match exit {

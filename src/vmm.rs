@@ -10,6 +10,7 @@ use dirtyvm_sys as sys;
 
 use crate::guest::{self, GuestStats, Layout, LayoutError, Workload};
 use crate::kvm::{self, GuestMemory, Kvm, Vcpu, Vm};
+use crate::limit::{DirtyLimiter, LimitAlgo};
 use crate::rate::{DirtyRateMeter, RateSources};
 use crate::reaper::{Cadence, Reaper};
 use crate::tracking::{DirtyLog, Tracker, MIN_RING_ENTRIES};
@@ -30,6 +31,8 @@ pub struct VmConfig {
     pub ring_entries: Option<u32>,
     /// Reaper cadence (with tracking).
     pub reaper: Cadence,
+    /// Algorithm of dirty limits that name none.
+    pub limit_algo: LimitAlgo,
 }
 
 impl VmConfig {
@@ -42,6 +45,7 @@ impl VmConfig {
             dirty_log: DirtyLog::None,
             ring_entries: None,
             reaper: Cadence::Adaptive,
+            limit_algo: LimitAlgo::Quota,
         }
     }
 
@@ -243,6 +247,7 @@ pub struct Machine {
     threads: Vec<VcpuThread>,
     reaper: Option<Reaper>,
     meter: DirtyRateMeter,
+    limiter: DirtyLimiter,
     tracker: Arc<Tracker>,
     vm: Arc<Vm>,
     layout: Layout,
@@ -327,11 +332,18 @@ impl Machine {
             tracker: tracker.clone(),
             vcpus: controls.clone(),
         });
+        let limiter = DirtyLimiter::new(
+            tracker.clone(),
+            controls.clone(),
+            config.limit_algo,
+            started,
+        );
         Ok(Machine {
             controls,
             threads,
             reaper,
             meter,
+            limiter,
             tracker,
             vm,
             layout,
@@ -397,6 +409,11 @@ impl Machine {
         self.reaper.as_ref()
     }
 
+    /// The dirty limiter and auto-converge throttle.
+    pub fn limiter(&self) -> &DirtyLimiter {
+        &self.limiter
+    }
+
     /// The dirty-rate meter.
     pub fn rate_meter(&self) -> &DirtyRateMeter {
         &self.meter
@@ -406,6 +423,7 @@ impl Machine {
     /// the reaper. Counters stay readable afterwards. Idempotent.
     pub fn shutdown(&mut self) -> Result<(), VmmError> {
         self.meter.cancel();
+        self.limiter.stop();
         for thread in &self.threads {
             thread.control().request_stop();
         }

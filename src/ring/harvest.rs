@@ -161,8 +161,8 @@ struct Pass<'a, F> {
 }
 
 impl<F: FnMut(u16, u64)> Pass<'_, F> {
-    /// Harvests `gfn`, the entry at fetch index `self.cursor.next`, if it is dirtied;
-    /// returns whether it was.
+    /// Harvests `gfn`, the entry at fetch index `self.cursor.next`, if it is
+    /// dirtied; returns whether it was.
     #[inline(always)]
     fn step(&mut self, gfn: &DirtyGfn) -> bool {
         // Acquire: pairs with the kernel's smp_wmb + store of DIRTY in
@@ -182,18 +182,13 @@ impl<F: FnMut(u16, u64)> Pass<'_, F> {
         let slot = gfn.slot.load(Ordering::Relaxed);
         // Relaxed: ordered after the Acquire load of flags above.
         let offset = gfn.offset.load(Ordering::Relaxed);
-        if slot != self.run_slot {
-            hint::cold_path();
-            if let Some(pages) = slot_pages(self.bounds, slot) {
-                (self.run_slot, self.run_pages) = (slot, pages);
-            }
-        }
-        if slot == self.run_slot && offset < self.run_pages {
+        // `&`, not `&&`: one branch on the hot path.
+        if (slot == self.run_slot) & (offset < self.run_pages) {
             // Cannot truncate: a valid slot names address space 0.
             (self.dirtied)(slot as u16, offset);
         } else {
             hint::cold_path();
-            self.bad_entries += 1;
+            self.check_outside_run(slot, offset);
         }
         // Release (as passed by `harvest`): pairs with the load-acquire of
         // flags in the kernel's reset walk (kvm_dirty_gfn_harvested in
@@ -203,6 +198,23 @@ impl<F: FnMut(u16, u64)> Pass<'_, F> {
         gfn.flags.store(RESET, self.reset_order);
         self.cursor.next = self.cursor.next.wrapping_add(1);
         true
+    }
+
+    /// Records an entry outside the current run of one slot: the start of a
+    /// new run, or a bad entry.
+    #[inline(always)]
+    fn check_outside_run(&mut self, slot: u32, offset: u64) {
+        if slot != self.run_slot {
+            if let Some(pages) = slot_pages(self.bounds, slot) {
+                (self.run_slot, self.run_pages) = (slot, pages);
+            }
+        }
+        if slot == self.run_slot && offset < self.run_pages {
+            // Cannot truncate: a valid slot names address space 0.
+            (self.dirtied)(slot as u16, offset);
+        } else {
+            self.bad_entries += 1;
+        }
     }
 }
 

@@ -1,0 +1,661 @@
+//! The controller thread and the limiter's public face (see the module docs of `limit`).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::quota::Quota;
+use super::reference::{self, Reference};
+use super::throttle::{self, AutoConverge};
+use super::{Decision, DutyCycle, LimitAlgo, Usage, MAX_RECHECK};
+use crate::report::pages_to_mibps;
+use crate::sched::{self, Policy};
+use crate::tracking::{DirtyLog, Tracker};
+use crate::vcpu::{monotonic_ns, VcpuControl};
+
+/// `SCHED_FIFO` priority of the controller: above the reaper (its kicks are its precision).
+const CONTROLLER_PRIORITY: i32 = 20;
+/// Current rates are measured over this trailing window.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// One point of the time series per vCPU this often.
+const SERIES_EVERY: Duration = Duration::from_millis(250);
+/// Pages per MiB.
+const PAGES_PER_MIB: f64 = 256.0;
+/// Starting guess of the kick-to-exit latency, seconds (measured here at about 0.1 ms).
+const INITIAL_LATENCY: f64 = 0.0002;
+
+/// Why a limit or throttle request was refused. Texts follow QEMU where QEMU has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitError {
+    /// Per-vCPU limits need per-vCPU dirty rings.
+    NeedsRing,
+    /// The throttle needs some dirty tracking.
+    NeedsTracking,
+    /// No such vCPU.
+    BadVcpu(u32),
+    /// A limit of zero (use cancel) or not a finite positive number.
+    BadRate(String),
+    /// A throttle percentage above 99.
+    BadPercent(u8),
+    /// The dirty limit and auto-converge exclude each other.
+    Conflict,
+}
+
+impl fmt::Display for LimitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LimitError::NeedsRing => f.write_str(
+                "dirty page limit feature requires KVM with accelerator property \
+                 'dirty-ring-size' set'",
+            ),
+            LimitError::NeedsTracking => {
+                f.write_str("auto-converge needs dirty tracking (--dirty-log ring or bitmap)")
+            }
+            LimitError::BadVcpu(_) => f.write_str("incorrect cpu index specified"),
+            LimitError::BadRate(text) => {
+                write!(f, "dirty limit {text} is not a positive rate in MiB/s")
+            }
+            LimitError::BadPercent(p) => {
+                write!(f, "auto-converge percentage {p} is out of range [0, 99]")
+            }
+            LimitError::Conflict => f.write_str(
+                "the dirty limit and auto-converge exclude each other; cancel one first",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LimitError {}
+
+/// A vCPU's limit, as queries show it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LimitInfo {
+    /// vCPU id.
+    pub vcpu: u32,
+    /// The limit, MiB/s.
+    pub limit_mibps: f64,
+    /// Its dirty rate over the last second, MiB/s.
+    pub current_mibps: f64,
+    /// The algorithm.
+    pub algo: LimitAlgo,
+}
+
+/// A vCPU's penalty counters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PenaltyInfo {
+    /// Time asleep under a penalty in the last second, ms.
+    pub ms_per_s: f64,
+    /// Time asleep under penalties in all, ms.
+    pub ms_total: f64,
+}
+
+/// One point of the controller's time series.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SeriesPoint {
+    /// Seconds since the VM started.
+    pub t_s: f64,
+    /// vCPU id.
+    pub vcpu: u32,
+    /// Dirty rate over the last second, MiB/s (from harvested pages).
+    pub rate_mibps: f64,
+    /// The vCPU's limit, MiB/s (none under the throttle).
+    pub limit_mibps: Option<f64>,
+    /// Time asleep under a penalty since the previous point, ms.
+    pub penalty_ms: f64,
+    /// The auto-converge percentage, when the throttle is on.
+    pub throttle_pct: Option<u8>,
+}
+
+/// The `dirty_limit` section of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitReport {
+    /// Algorithm of limits set without naming one.
+    pub algo: LimitAlgo,
+    /// Scheduling policy the controller thread got (none if it never ran).
+    pub policy: Option<&'static str>,
+    /// The time series.
+    pub series: Vec<SeriesPoint>,
+}
+
+/// The throttle's state, as queries show it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ThrottleInfo {
+    /// Current percentage, 0 = off.
+    pub percent: u8,
+    /// The VM rate it raises the percentage to get under, MiB/s.
+    pub target_mibps: Option<f64>,
+    /// The VM's dirty rate over the last second, MiB/s.
+    pub current_mibps: f64,
+}
+
+enum Strategy {
+    Quota(Quota),
+    Reference(Reference),
+}
+
+struct Limit {
+    mibps: f64,
+    algo: LimitAlgo,
+    strategy: Strategy,
+}
+
+/// A reading of one vCPU's counters.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    harvested: u64,
+    slept_ns: u64,
+}
+
+struct VcpuState {
+    limit: Option<Limit>,
+    duty: DutyCycle,
+    last: Option<Sample>,
+    history: VecDeque<Sample>,
+    asleep_until: Option<Instant>,
+    next_check: Instant,
+    /// Kick-to-exit latency estimate, seconds.
+    latency: f64,
+    /// When the controller last kicked it, and its exit count then.
+    kicked: Option<(u64, u64)>,
+    series_slept_ns: u64,
+}
+
+struct Throttle {
+    state: AutoConverge,
+    period_start: Option<Sample>,
+}
+
+struct State {
+    vcpus: Vec<VcpuState>,
+    throttle: Option<Throttle>,
+    reference: reference::Shared,
+    thread: Option<JoinHandle<()>>,
+    quit: bool,
+    /// Set by requests, so the controller looks again at once.
+    changed: bool,
+    policy: Option<Policy>,
+    series: Vec<SeriesPoint>,
+    next_series: Instant,
+}
+
+impl State {
+    fn active(&self) -> bool {
+        self.throttle.is_some() || self.vcpus.iter().any(|v| v.limit.is_some())
+    }
+}
+
+struct Shared {
+    tracker: Arc<Tracker>,
+    vcpus: Vec<Arc<VcpuControl>>,
+    default_algo: LimitAlgo,
+    started: Instant,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The dirty limiter of one VM.
+pub struct DirtyLimiter {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DirtyLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirtyLimiter")
+            .field("default_algo", &self.shared.default_algo)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DirtyLimiter {
+    /// A limiter over `vcpus`, fed by `tracker`; `default_algo` limits vCPUs whose limit
+    /// names none; `started` is the VM's start, the origin of the series' time.
+    pub fn new(
+        tracker: Arc<Tracker>,
+        vcpus: Vec<Arc<VcpuControl>>,
+        default_algo: LimitAlgo,
+        started: Instant,
+    ) -> DirtyLimiter {
+        let now = Instant::now();
+        let ring_entries = tracker.ring_entries().unwrap_or(0);
+        let states = vcpus
+            .iter()
+            .map(|_| VcpuState {
+                limit: None,
+                duty: DutyCycle::default(),
+                last: None,
+                history: VecDeque::new(),
+                asleep_until: None,
+                next_check: now,
+                latency: INITIAL_LATENCY,
+                kicked: None,
+                series_slept_ns: 0,
+            })
+            .collect();
+        DirtyLimiter {
+            shared: Arc::new(Shared {
+                tracker,
+                vcpus,
+                default_algo,
+                started,
+                state: Mutex::new(State {
+                    vcpus: states,
+                    throttle: None,
+                    reference: reference::Shared::new(ring_entries),
+                    thread: None,
+                    quit: false,
+                    changed: false,
+                    policy: None,
+                    series: Vec::new(),
+                    next_series: now,
+                }),
+                wake: Condvar::new(),
+            }),
+        }
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.shared.vcpus.len() as u32
+    }
+
+    fn check_vcpu(&self, vcpu: Option<u32>) -> Result<Vec<usize>, LimitError> {
+        match vcpu {
+            Some(id) if id >= self.vcpus() => Err(LimitError::BadVcpu(id)),
+            Some(id) => Ok(vec![id as usize]),
+            None => Ok((0..self.shared.vcpus.len()).collect()),
+        }
+    }
+
+    /// Limits `vcpu` (or every vCPU) to `mibps` MiB/s with `algo` (or the default).
+    pub fn set_limit(
+        &self,
+        vcpu: Option<u32>,
+        mibps: f64,
+        algo: Option<LimitAlgo>,
+    ) -> Result<(), LimitError> {
+        if self.shared.tracker.log() != DirtyLog::Ring {
+            return Err(LimitError::NeedsRing);
+        }
+        if !(mibps.is_finite() && mibps > 0.0) {
+            return Err(LimitError::BadRate(mibps.to_string()));
+        }
+        let ids = self.check_vcpu(vcpu)?;
+        let algo = algo.unwrap_or(self.shared.default_algo);
+        let mut state = self.shared.lock();
+        if state.throttle.is_some() {
+            return Err(LimitError::Conflict);
+        }
+        for id in ids {
+            let v = &mut state.vcpus[id];
+            match (&mut v.limit, algo) {
+                // Changing a quota keeps its debt or credit.
+                (Some(limit), LimitAlgo::Quota) if limit.algo == LimitAlgo::Quota => {
+                    if let Strategy::Quota(q) = &mut limit.strategy {
+                        q.set_limit(mibps * PAGES_PER_MIB);
+                    }
+                    limit.mibps = mibps;
+                }
+                _ => {
+                    let strategy = match algo {
+                        LimitAlgo::Quota => Strategy::Quota(Quota::new(mibps * PAGES_PER_MIB)),
+                        LimitAlgo::Reference => Strategy::Reference(Reference::new(mibps as u64)),
+                    };
+                    v.limit = Some(Limit {
+                        mibps,
+                        algo,
+                        strategy,
+                    });
+                }
+            }
+        }
+        self.start(state);
+        Ok(())
+    }
+
+    /// Removes the limit of `vcpu` (or every vCPU) and its penalty at once.
+    pub fn cancel(&self, vcpu: Option<u32>) -> Result<(), LimitError> {
+        let ids = self.check_vcpu(vcpu)?;
+        let mut state = self.shared.lock();
+        for id in ids {
+            state.vcpus[id].limit = None;
+            self.release(&mut state, id);
+        }
+        state.changed = true;
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    /// Sets the auto-converge throttle: `Some(target)` raises the percentage step by step
+    /// until the VM's dirty rate is under `target` MiB/s.
+    pub fn set_auto_converge(&self, target_mibps: f64) -> Result<(), LimitError> {
+        if !(target_mibps.is_finite() && target_mibps > 0.0) {
+            return Err(LimitError::BadRate(target_mibps.to_string()));
+        }
+        self.set_throttle(AutoConverge {
+            percent: 0,
+            target_mibps: Some(target_mibps),
+        })
+    }
+
+    /// Sets the throttle to a fixed percentage (0 turns it off).
+    pub fn set_throttle_percent(&self, percent: u8) -> Result<(), LimitError> {
+        if percent > throttle::MAX_PCT {
+            return Err(LimitError::BadPercent(percent));
+        }
+        if percent == 0 {
+            let mut state = self.shared.lock();
+            state.throttle = None;
+            for id in 0..state.vcpus.len() {
+                self.release(&mut state, id);
+            }
+            state.changed = true;
+            self.shared.wake.notify_all();
+            return Ok(());
+        }
+        self.set_throttle(AutoConverge {
+            percent,
+            target_mibps: None,
+        })
+    }
+
+    fn set_throttle(&self, throttle: AutoConverge) -> Result<(), LimitError> {
+        if self.shared.tracker.log() == DirtyLog::None {
+            return Err(LimitError::NeedsTracking);
+        }
+        let mut state = self.shared.lock();
+        if state.vcpus.iter().any(|v| v.limit.is_some()) {
+            return Err(LimitError::Conflict);
+        }
+        state.throttle = Some(Throttle {
+            state: throttle,
+            period_start: None,
+        });
+        self.start(state);
+        Ok(())
+    }
+
+    /// Lifts vCPU `id`'s penalty and wakes it.
+    fn release(&self, state: &mut State, id: usize) {
+        let v = &mut state.vcpus[id];
+        v.asleep_until = None;
+        v.duty = DutyCycle::default();
+        let control = &self.shared.vcpus[id];
+        control.penalty.clear();
+        control.kick();
+    }
+
+    /// Starts the controller thread if it is not running, and wakes it.
+    fn start(&self, mut state: MutexGuard<'_, State>) {
+        state.changed = true;
+        self.shared.wake.notify_all();
+        if state.thread.is_some() {
+            return;
+        }
+        let shared = self.shared.clone();
+        match thread::Builder::new()
+            .name("dirtylimit".into())
+            .spawn(move || controller(&shared))
+        {
+            Ok(handle) => state.thread = Some(handle),
+            Err(e) => eprintln!("dirtyvm: error: cannot start the dirty-limit controller: {e}"),
+        }
+    }
+
+    /// Limited vCPUs with their current rates.
+    pub fn limits(&self) -> Vec<LimitInfo> {
+        let state = self.shared.lock();
+        state
+            .vcpus
+            .iter()
+            .enumerate()
+            .filter_map(|(id, v)| {
+                v.limit.as_ref().map(|l| LimitInfo {
+                    vcpu: id as u32,
+                    limit_mibps: l.mibps,
+                    current_mibps: trailing_rate(&v.history),
+                    algo: l.algo,
+                })
+            })
+            .collect()
+    }
+
+    /// vCPU `id`'s penalty counters.
+    pub fn penalty(&self, id: u32) -> PenaltyInfo {
+        let control = &self.shared.vcpus[id as usize];
+        let now_ns = monotonic_ns();
+        let total = control.penalty_ns(now_ns);
+        let state = self.shared.lock();
+        let window_start = state.vcpus[id as usize]
+            .history
+            .front()
+            .map_or(total, |s| s.slept_ns);
+        PenaltyInfo {
+            ms_per_s: (total - window_start.min(total)) as f64 / 1e6,
+            ms_total: total as f64 / 1e6,
+        }
+    }
+
+    /// The throttle's state, if it is on.
+    pub fn throttle(&self) -> Option<ThrottleInfo> {
+        let state = self.shared.lock();
+        state.throttle.as_ref().map(|t| ThrottleInfo {
+            percent: t.state.percent,
+            target_mibps: t.state.target_mibps,
+            current_mibps: state.vcpus.iter().map(|v| trailing_rate(&v.history)).sum(),
+        })
+    }
+
+    /// The report section.
+    pub fn report(&self) -> LimitReport {
+        let state = self.shared.lock();
+        LimitReport {
+            algo: self.shared.default_algo,
+            policy: state.policy.map(Policy::name),
+            series: state.series.clone(),
+        }
+    }
+
+    /// Lifts every limit and the throttle and joins the controller thread.
+    pub fn stop(&self) {
+        let thread = {
+            let mut state = self.shared.lock();
+            state.quit = true;
+            self.shared.wake.notify_all();
+            state.thread.take()
+        };
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        for control in &self.shared.vcpus {
+            control.penalty.clear();
+        }
+    }
+}
+
+/// Rate over the samples in the trailing window, MiB/s.
+fn trailing_rate(history: &VecDeque<Sample>) -> f64 {
+    match (history.front(), history.back()) {
+        (Some(first), Some(last)) if last.at > first.at => pages_to_mibps(
+            last.harvested - first.harvested,
+            (last.at - first.at).as_secs_f64(),
+        ),
+        _ => 0.0,
+    }
+}
+
+fn controller(shared: &Shared) {
+    let (policy, refused) = sched::try_fifo(CONTROLLER_PRIORITY);
+    if let Some(e) = refused {
+        eprintln!(
+            "dirtyvm: warning: the dirty-limit controller runs at normal priority \
+             (SCHED_FIFO refused: {e}); its kicks may come late"
+        );
+    }
+    let mut state = shared.lock();
+    state.policy = Some(policy);
+    loop {
+        if state.quit || !state.active() {
+            break;
+        }
+        let next = state
+            .vcpus
+            .iter()
+            .map(|v| v.next_check)
+            .min()
+            .unwrap_or_else(Instant::now)
+            .min(state.next_series);
+        let timeout = next.saturating_duration_since(Instant::now());
+        let (guard, _) = shared
+            .wake
+            .wait_timeout_while(state, timeout, |s| !s.quit && !s.changed)
+            .unwrap_or_else(|e| e.into_inner());
+        state = guard;
+        if state.quit {
+            break;
+        }
+        state.changed = false;
+        drop(state);
+        // PREPARE: exact counts up to now. A failing reap stops the VM through the reaper
+        // or the vCPU that hits it; here it only means stale counts for one round.
+        let _ = shared.tracker.reap();
+        state = shared.lock();
+        control_round(shared, &mut state);
+    }
+    // Whatever ends the loop, nobody stays asleep.
+    for control in &shared.vcpus {
+        control.penalty.clear();
+        control.kick();
+    }
+    state.thread.take();
+}
+
+/// CALCULATE and SET PENALTY for every vCPU, plus the throttle's period and the series.
+fn control_round(shared: &Shared, state: &mut State) {
+    let now = Instant::now();
+    let now_ns = monotonic_ns();
+    let State {
+        vcpus,
+        throttle,
+        reference,
+        ..
+    } = state;
+    let throttled = throttle.as_ref().map(|t| t.state);
+    for (id, v) in vcpus.iter_mut().enumerate() {
+        let control = &shared.vcpus[id];
+        let sample = Sample {
+            at: now,
+            harvested: shared
+                .tracker
+                .vcpu(id as u32)
+                .harvested
+                .load(Ordering::Relaxed),
+            slept_ns: control.penalty_ns(now_ns),
+        };
+        let usage = v.last.map_or(Usage::default(), |last| {
+            let elapsed = (now - last.at).as_secs_f64();
+            let slept = (sample.slept_ns - last.slept_ns) as f64 / 1e9;
+            Usage {
+                elapsed,
+                ran: (elapsed - slept).max(0.0),
+                dirtied: (sample.harvested - last.harvested) as f64,
+            }
+        });
+        v.last = Some(sample);
+        v.history.push_back(sample);
+        while v.history.front().is_some_and(|s| now - s.at > RATE_WINDOW) {
+            v.history.pop_front();
+        }
+        if let Some((kicked_ns, exits)) = v.kicked {
+            if control.exits_taken() != exits {
+                let seconds = control.last_exit_ns().saturating_sub(kicked_ns) as f64 / 1e9;
+                v.latency += 0.2 * (seconds.min(0.05) - v.latency);
+                v.kicked = None;
+            }
+        }
+        let asleep_for = v.asleep_until.map_or(0.0, |until| {
+            until.saturating_duration_since(now).as_secs_f64()
+        });
+        let decision = match (&mut v.limit, throttled) {
+            (Some(limit), _) => match &mut limit.strategy {
+                Strategy::Quota(q) => q.step(usage, asleep_for, v.latency),
+                Strategy::Reference(r) => r.step(reference, usage, asleep_for),
+            },
+            (None, Some(t)) => {
+                v.duty
+                    .step(throttle::TIMESLICE, t.sleep_per_slice(), usage, asleep_for)
+            }
+            (None, None) => Decision::Run {
+                recheck_in: MAX_RECHECK,
+            },
+        };
+        match decision {
+            Decision::Sleep(seconds) => {
+                let sleep = Duration::from_secs_f64(seconds);
+                v.asleep_until = Some(now + sleep);
+                v.next_check = now + sleep;
+                control.penalty.impose(now_ns + sleep.as_nanos() as u64);
+                v.kicked = Some((monotonic_ns(), control.exits_taken()));
+                control.kick();
+            }
+            Decision::Run { recheck_in } => {
+                v.next_check = now + Duration::from_secs_f64(recheck_in.max(0.0001));
+            }
+        }
+    }
+    if let Some(t) = throttle {
+        let vm = Sample {
+            at: now,
+            harvested: shared.tracker.harvested(),
+            slept_ns: 0,
+        };
+        match t.period_start {
+            Some(start) if (now - start.at).as_secs_f64() >= throttle::PERIOD => {
+                let rate = pages_to_mibps(
+                    vm.harvested - start.harvested,
+                    (now - start.at).as_secs_f64(),
+                );
+                t.state.evaluate(rate);
+                t.period_start = Some(vm);
+            }
+            None => t.period_start = Some(vm),
+            Some(_) => {}
+        }
+    }
+    if now >= state.next_series {
+        record_series(shared, state, now, now_ns);
+        state.next_series = now + SERIES_EVERY;
+    }
+}
+
+fn record_series(shared: &Shared, state: &mut State, now: Instant, now_ns: u64) {
+    let t_s = (now - shared.started).as_secs_f64();
+    let throttle_pct = state.throttle.as_ref().map(|t| t.state.percent);
+    for (id, v) in state.vcpus.iter_mut().enumerate() {
+        let slept = shared.vcpus[id].penalty_ns(now_ns);
+        let penalty_ms = (slept - v.series_slept_ns.min(slept)) as f64 / 1e6;
+        v.series_slept_ns = slept;
+        if v.limit.is_none() && throttle_pct.is_none() {
+            continue;
+        }
+        state.series.push(SeriesPoint {
+            t_s,
+            vcpu: id as u32,
+            rate_mibps: trailing_rate(&v.history),
+            limit_mibps: v.limit.as_ref().map(|l| l.mibps),
+            penalty_ms,
+            throttle_pct,
+        });
+    }
+}
