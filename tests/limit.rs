@@ -1,0 +1,193 @@
+//! The dirty limit and the auto-converge throttle on real KVM: qualitative behaviour with
+//! generous bounds (the precise numbers are the benchmarks' business).
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use dirtyvm::guest::Workload;
+use dirtyvm::limit::{LimitAlgo, LimitError};
+use dirtyvm::tracking::DirtyLog;
+use dirtyvm::vmm::{Machine, VmConfig};
+
+/// Tests that boot VMs take turns: two cores, and every vCPU here spins.
+static ONE_VM_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Boots two vCPUs and waits until every writer has touched its whole working set once
+/// (the first pass pays for the host's page faults and is much slower).
+fn boot(log: DirtyLog, workloads: &[&str]) -> (Machine, MutexGuard<'static, ()>) {
+    let turn = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let workloads: Vec<Workload> = workloads.iter().map(|w| w.parse().unwrap()).collect();
+    let machine =
+        Machine::boot(&VmConfig::new(2, 128 << 20, workloads).with_dirty_log(log)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while machine
+        .guest_stats()
+        .iter()
+        .zip(machine.layout().vcpus())
+        .any(|(s, plan)| plan.workload.writes() && s.passes == 0)
+        && Instant::now() < deadline
+    {
+        sleep(Duration::from_millis(20));
+    }
+    (machine, turn)
+}
+
+/// Ground-truth MiB/s written and read by each vCPU over `window`.
+fn rates(machine: &Machine, window: Duration) -> Vec<(f64, f64)> {
+    let before = machine.guest_stats();
+    let start = Instant::now();
+    sleep(window);
+    let after = machine.guest_stats();
+    let secs = start.elapsed().as_secs_f64();
+    before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| {
+            (
+                (a.pages_written - b.pages_written) as f64 / 256.0 / secs,
+                (a.pages_read - b.pages_read) as f64 / 256.0 / secs,
+            )
+        })
+        .collect()
+}
+
+fn limit_holds_the_writer_and_spares_the_reader(algo: LimitAlgo) {
+    let (mut machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
+    let free = rates(&machine, Duration::from_millis(700))[0].0;
+    assert!(
+        free > 100.0,
+        "the unlimited writer is too slow to test a limit: {free:.1} MiB/s"
+    );
+    let limit = (free / 8.0).max(16.0);
+    machine
+        .limiter()
+        .set_limit(None, limit, Some(algo))
+        .unwrap();
+    let infos = machine.limiter().limits();
+    assert_eq!(infos.len(), 2, "both vCPUs are limited");
+    assert!(infos
+        .iter()
+        .all(|i| i.limit_mibps == limit && i.algo == algo));
+    sleep(Duration::from_secs(if algo == LimitAlgo::Quota {
+        1
+    } else {
+        4
+    }));
+    let limited = rates(&machine, Duration::from_secs(2))[0].0;
+    let reader_penalty = machine.limiter().penalty(1).ms_total;
+    let writer_penalty = machine.limiter().penalty(0).ms_total;
+    machine.limiter().cancel(None).unwrap();
+    assert!(machine.limiter().limits().is_empty());
+    sleep(Duration::from_millis(300));
+    let restored = rates(&machine, Duration::from_millis(700))[0].0;
+    machine.shutdown().unwrap();
+
+    assert!(
+        limited < free / 2.0,
+        "{algo}: limited {limited:.1} vs free {free:.1} MiB/s"
+    );
+    assert!(
+        writer_penalty > 0.0,
+        "{algo}: the writer was never put to sleep"
+    );
+    assert_eq!(reader_penalty, 0.0, "{algo}: the reader was penalized");
+    assert!(
+        restored > 2.0 * limited,
+        "{algo}: cancel did not restore the writer: {restored:.1}"
+    );
+    assert!(machine
+        .limiter()
+        .report()
+        .series
+        .iter()
+        .any(|p| p.vcpu == 0));
+}
+
+#[test]
+fn quota_limit_holds_the_writer_and_spares_the_reader() {
+    if common::kvm_available("quota_limit_holds_the_writer_and_spares_the_reader") {
+        limit_holds_the_writer_and_spares_the_reader(LimitAlgo::Quota);
+    }
+}
+
+#[test]
+fn reference_limit_holds_the_writer_and_spares_the_reader() {
+    if common::kvm_available("reference_limit_holds_the_writer_and_spares_the_reader") {
+        limit_holds_the_writer_and_spares_the_reader(LimitAlgo::Reference);
+    }
+}
+
+#[test]
+fn auto_converge_slows_every_vcpu_alike() {
+    if !common::kvm_available("auto_converge_slows_every_vcpu_alike") {
+        return;
+    }
+    let (mut machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
+    machine.limiter().set_auto_converge(1.0).unwrap();
+    // Conflicts both ways.
+    assert_eq!(
+        machine.limiter().set_limit(None, 10.0, None),
+        Err(LimitError::Conflict)
+    );
+    sleep(Duration::from_millis(3500));
+    let throttle = machine.limiter().throttle().expect("throttle on");
+    let (writer, reader) = (machine.limiter().penalty(0), machine.limiter().penalty(1));
+    machine.limiter().set_throttle_percent(0).unwrap();
+    assert!(machine.limiter().throttle().is_none());
+    machine.shutdown().unwrap();
+    assert!(
+        throttle.percent >= 30,
+        "percentage never rose: {}",
+        throttle.percent
+    );
+    // The reader sleeps as much as the writer: that is what the dirty limit avoids.
+    assert!(
+        reader.ms_total > 0.0,
+        "auto-converge did not slow the reader"
+    );
+    assert!(
+        reader.ms_total > writer.ms_total / 3.0,
+        "reader slept {:.0} ms, writer {:.0} ms",
+        reader.ms_total,
+        writer.ms_total
+    );
+}
+
+#[test]
+fn limits_are_refused_with_reasons() {
+    if !common::kvm_available("limits_are_refused_with_reasons") {
+        return;
+    }
+    let (mut bitmap, turn) = boot(DirtyLog::Bitmap, &["idle"]);
+    let e = bitmap.limiter().set_limit(Some(0), 10.0, None).unwrap_err();
+    assert_eq!(e, LimitError::NeedsRing);
+    assert!(e.to_string().contains("dirty-ring-size"));
+    bitmap.shutdown().unwrap();
+    drop(turn);
+
+    let (mut ring, _turn) = boot(DirtyLog::Ring, &["idle"]);
+    let limiter = ring.limiter();
+    assert_eq!(
+        limiter.set_limit(Some(2), 10.0, None),
+        Err(LimitError::BadVcpu(2))
+    );
+    assert_eq!(limiter.cancel(Some(7)), Err(LimitError::BadVcpu(7)));
+    assert!(matches!(
+        limiter.set_limit(None, 0.0, None),
+        Err(LimitError::BadRate(_))
+    ));
+    assert!(matches!(
+        limiter.set_limit(None, f64::NAN, None),
+        Err(LimitError::BadRate(_))
+    ));
+    assert_eq!(
+        limiter.set_throttle_percent(100),
+        Err(LimitError::BadPercent(100))
+    );
+    limiter.set_limit(Some(1), 10.0, None).unwrap();
+    assert_eq!(limiter.set_auto_converge(5.0), Err(LimitError::Conflict));
+    ring.shutdown().unwrap();
+}

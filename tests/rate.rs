@@ -1,0 +1,113 @@
+//! Dirty-rate measurement on real KVM: the dirty-ring mode splits the rate per vCPU, every
+//! mode tracks the ground truth, and requests are refused as QEMU refuses them.
+
+mod common;
+
+use std::time::Duration;
+
+use dirtyvm::guest::Workload;
+use dirtyvm::rate::{Measurement, RateError, RateMode, RateRequest, RateStatus};
+use dirtyvm::tracking::DirtyLog;
+use dirtyvm::vmm::{Machine, VmConfig};
+
+fn boot(log: DirtyLog, vcpus: u32, workloads: &[&str]) -> Machine {
+    let workloads: Vec<Workload> = workloads.iter().map(|w| w.parse().unwrap()).collect();
+    Machine::boot(&VmConfig::new(vcpus, 64 << 20, workloads).with_dirty_log(log)).unwrap()
+}
+
+fn measure(machine: &Machine, mode: RateMode, calc_time_ms: u64) -> Measurement {
+    let request = RateRequest {
+        mode,
+        calc_time_ms,
+        sample_pages: 16384,
+    };
+    machine.rate_meter().start(request).unwrap();
+    let state = machine.rate_meter().wait(Duration::from_secs(30));
+    assert_eq!(state.status, RateStatus::Measured);
+    state.last.expect("a measurement")
+}
+
+fn close(measured: f64, truth: f64, tolerance: f64) -> bool {
+    (measured - truth).abs() <= tolerance * truth.max(1.0)
+}
+
+#[test]
+fn dirty_ring_mode_splits_the_rate_per_vcpu() {
+    if !common::kvm_available("dirty_ring_mode_splits_the_rate_per_vcpu") {
+        return;
+    }
+    // A paced writer over more pages than it writes in the window, a reader, an idle vCPU.
+    let mut machine = boot(DirtyLog::Ring, 3, &["write:32M@8", "read:16M"]);
+    let m = measure(&machine, RateMode::DirtyRing, 500);
+    machine.shutdown().unwrap();
+    let rates = m
+        .vcpu_rates_mibps
+        .expect("dirty-ring mode has per-vCPU rates");
+    assert_eq!(rates.len(), 3);
+    assert!(rates[0] > 1.0, "writer's rate {:.2}", rates[0]);
+    assert!(
+        close(rates[0], m.vcpu_truth_mibps[0], 0.1),
+        "{rates:?} vs {:?}",
+        m.vcpu_truth_mibps
+    );
+    assert_eq!(rates[1], 0.0, "the reader dirtied pages");
+    assert_eq!(rates[2], 0.0, "the idle vCPU dirtied pages");
+    assert_eq!(m.rate_mibps, rates.iter().sum::<f64>());
+    assert_eq!(m.mode, RateMode::DirtyRing);
+    assert_eq!(m.sample_pages, 0);
+}
+
+#[test]
+fn bitmap_and_page_sampling_track_the_truth() {
+    if !common::kvm_available("bitmap_and_page_sampling_track_the_truth") {
+        return;
+    }
+    // A quarter of memory written: page-sampling sees it in a quarter of its samples.
+    let mut machine = boot(DirtyLog::Bitmap, 2, &["write:16M@64", "read:16M"]);
+    let bitmap = measure(&machine, RateMode::DirtyBitmap, 300);
+    let sampled = measure(&machine, RateMode::PageSampling, 300);
+    machine.shutdown().unwrap();
+    assert!(
+        bitmap.vcpu_rates_mibps.is_none(),
+        "the bitmap has no per-vCPU split"
+    );
+    assert!(bitmap.truth_mibps > 10.0);
+    assert!(
+        close(bitmap.rate_mibps, bitmap.truth_mibps, 0.1),
+        "{bitmap:?}"
+    );
+    assert!(
+        close(sampled.rate_mibps, sampled.truth_mibps, 0.25),
+        "{sampled:?}"
+    );
+    assert_eq!(sampled.sample_pages, 16384);
+}
+
+#[test]
+fn requests_are_refused_like_qemu() {
+    if !common::kvm_available("requests_are_refused_like_qemu") {
+        return;
+    }
+    let mut machine = boot(DirtyLog::Ring, 1, &["idle"]);
+    let meter = machine.rate_meter();
+    assert_eq!(meter.state().status, RateStatus::Unstarted);
+    let long = RateRequest {
+        mode: RateMode::DirtyRing,
+        calc_time_ms: 10_000,
+        sample_pages: 512,
+    };
+    meter.start(long).unwrap();
+    assert_eq!(meter.start(long), Err(RateError::AlreadyMeasuring));
+    assert_eq!(meter.state().status, RateStatus::Measuring);
+    let bitmap = RateRequest {
+        mode: RateMode::DirtyBitmap,
+        calc_time_ms: 100,
+        sample_pages: 512,
+    };
+    // Shutdown cancels the running measurement instead of waiting 10 s.
+    machine.shutdown().unwrap();
+    assert_eq!(
+        bitmap.check(DirtyLog::Ring),
+        Err(RateError::ModeNotEnabled(RateMode::DirtyBitmap))
+    );
+}
