@@ -35,16 +35,13 @@ impl DirtyRingMap {
 }
 
 impl SlotStore for DirtyRingMap {
-    fn entries(&self) -> u32 {
-        self.entries
-    }
-
-    fn gfn(&self, index: u32) -> &DirtyGfn {
-        assert!(index < self.entries, "ring index {index} out of range");
+    fn gfns(&self) -> &[DirtyGfn] {
         // SAFETY: the mapping holds `entries` kvm_dirty_gfn, page-aligned, for as long as
         // `self` lives; DirtyGfn has kvm_dirty_gfn's layout (asserted in crate::ring) and
         // all-atomic fields, so sharing it with the kernel, which writes concurrently, is
         // sound; no `&mut` into the ring is ever created.
-        unsafe { &*self.map.as_ptr().cast::<DirtyGfn>().add(index as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().cast::<DirtyGfn>(), self.entries as usize)
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! The consumer side of the ring: harvesting dirtied entries in order.
 
-use super::{DirtyEntry, DirtyGfn, SlotBounds, SlotStore, DIRTY, FLAG_MASK, RESET};
 use std::hint;
 
+use super::{DirtyEntry, DirtyGfn, SlotBounds, SlotStore, DIRTY, FLAG_MASK, RESET};
 use crate::sync::Ordering;
 
 /// What one [`Harvester::harvest`] call did.
@@ -66,8 +66,8 @@ impl Harvester {
     ///
     /// # Panics
     ///
-    /// If `store` is broken (`entries()` not a power of two, or a `gfns()`
-    /// slice of another length), or if `dirtied` panics; in that case the entry
+    /// If `store` is broken (not a power-of-two number of entries), or if
+    /// `dirtied` panics; in that case the entry
     /// being recorded stays DIRTY and the cursor still points at it.
     #[inline]
     pub fn harvest<S: SlotStore + ?Sized>(
@@ -94,14 +94,7 @@ impl Harvester {
             entries.is_power_of_two(),
             "slot store reports {entries} entries, not a power of two"
         );
-        let contiguous = store.gfns();
-        if let Some(gfns) = contiguous {
-            assert_eq!(
-                gfns.len(),
-                entries as usize,
-                "slot store's slice is not the ring"
-            );
-        }
+        let gfns = store.gfns();
         let start = self.cursor;
         let first = start & (entries - 1);
         let mut pass = Pass {
@@ -120,20 +113,9 @@ impl Harvester {
         // One lap at most, as two contiguous segments: from the cursor's entry
         // to the end of the ring, then from its start up to the cursor's entry.
         'lap: for (lo, hi) in [(first, entries), (0, first)] {
-            match contiguous {
-                Some(gfns) => {
-                    for gfn in &gfns[lo as usize..hi as usize] {
-                        if !pass.step(gfn) {
-                            break 'lap;
-                        }
-                    }
-                }
-                None => {
-                    for index in lo..hi {
-                        if !pass.step(store.gfn(index)) {
-                            break 'lap;
-                        }
-                    }
+            for gfn in &gfns[lo as usize..hi as usize] {
+                if !pass.step(gfn) {
+                    break 'lap;
                 }
             }
         }

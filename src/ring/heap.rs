@@ -29,18 +29,7 @@ impl HeapRing {
 
 impl SlotStore for HeapRing {
     #[inline]
-    fn entries(&self) -> u32 {
-        // Cannot truncate: built from a u32 count.
-        self.gfns.len() as u32
-    }
-
-    #[inline]
-    fn gfn(&self, index: u32) -> &DirtyGfn {
-        &self.gfns[index as usize]
-    }
-
-    #[inline]
-    fn gfns(&self) -> Option<&[DirtyGfn]> {
-        Some(&self.gfns)
+    fn gfns(&self) -> &[DirtyGfn] {
+        &self.gfns
     }
 }

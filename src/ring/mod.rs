@@ -48,7 +48,10 @@
 //! layout from a `u32`, so they cannot be overlaid on the kernel's mmap'd ring.
 //! The seam is therefore the slot store, not the atomic type: the harvest logic
 //! is generic over [`SlotStore`], implemented by the mmap-backed ring in
-//! `crate::kvm` and by the heap-backed [`HeapRing`]. [`DirtyGfn`] is built from
+//! `crate::kvm` and by the heap-backed [`HeapRing`]. A store that is one
+//! contiguous slice says so ([`SlotStore::gfns`]) and the harvester then walks
+//! it without a per-entry index check (`benches/harvest.rs` measures both
+//! paths against a plain scan of the same entries). [`DirtyGfn`] is built from
 //! `crate::sync` atomics, which are loom's under `cfg(loom)`; loom then drives a
 //! [`HeapRing`] shared between the [`Harvester`] and a [`MockKernel`], a model of
 //! the kernel's producer and reset walk. Tests, benches and the fuzz target use
@@ -136,69 +139,46 @@ impl Default for DirtyGfn {
 /// Storage for one vCPU's ring: the seam between the harvest protocol and the
 /// memory it runs on (the kernel's mmap, or [`HeapRing`] for tests and loom).
 pub trait SlotStore {
-    /// Number of entries in the ring: a power of two, constant for the ring's
-    /// life.
-    fn entries(&self) -> u32;
+    /// The ring's entries, contiguous: their number is a power of two, constant
+    /// for the ring's life.
+    fn gfns(&self) -> &[DirtyGfn];
 
-    /// The entry at `index`, where `index < self.entries()`. Callers mask
-    /// their free-running indices with `entries() - 1`; an implementation may
-    /// panic on an index out of range.
-    fn gfn(&self, index: u32) -> &DirtyGfn;
+    /// Number of entries in the ring.
+    #[inline]
+    fn entries(&self) -> u32 {
+        // Cannot truncate: KVM rings hold at most 65536 entries.
+        self.gfns().len() as u32
+    }
 
-    /// The whole ring as one slice, `entries()` long, if the store is
-    /// contiguous memory (`gfns()[i]` is `gfn(i)`): lets the harvester walk
-    /// the ring without an index check per entry. The default, `None`, makes it
-    /// go through [`Self::gfn`].
-    fn gfns(&self) -> Option<&[DirtyGfn]> {
-        None
+    /// The entry at free-running index `index`, masked to the ring.
+    #[inline]
+    fn gfn(&self, index: u32) -> &DirtyGfn {
+        let gfns = self.gfns();
+        &gfns[index as usize & (gfns.len() - 1)]
     }
 }
 
 impl<T: SlotStore + ?Sized> SlotStore for &T {
-    fn entries(&self) -> u32 {
-        (**self).entries()
-    }
-    fn gfn(&self, index: u32) -> &DirtyGfn {
-        (**self).gfn(index)
-    }
-    fn gfns(&self) -> Option<&[DirtyGfn]> {
+    fn gfns(&self) -> &[DirtyGfn] {
         (**self).gfns()
     }
 }
 
 impl<T: SlotStore + ?Sized> SlotStore for Box<T> {
-    fn entries(&self) -> u32 {
-        (**self).entries()
-    }
-    fn gfn(&self, index: u32) -> &DirtyGfn {
-        (**self).gfn(index)
-    }
-    fn gfns(&self) -> Option<&[DirtyGfn]> {
+    fn gfns(&self) -> &[DirtyGfn] {
         (**self).gfns()
     }
 }
 
 impl<T: SlotStore + ?Sized> SlotStore for std::sync::Arc<T> {
-    fn entries(&self) -> u32 {
-        (**self).entries()
-    }
-    fn gfn(&self, index: u32) -> &DirtyGfn {
-        (**self).gfn(index)
-    }
-    fn gfns(&self) -> Option<&[DirtyGfn]> {
+    fn gfns(&self) -> &[DirtyGfn] {
         (**self).gfns()
     }
 }
 
 #[cfg(loom)]
 impl<T: SlotStore> SlotStore for loom::sync::Arc<T> {
-    fn entries(&self) -> u32 {
-        (**self).entries()
-    }
-    fn gfn(&self, index: u32) -> &DirtyGfn {
-        (**self).gfn(index)
-    }
-    fn gfns(&self) -> Option<&[DirtyGfn]> {
+    fn gfns(&self) -> &[DirtyGfn] {
         (**self).gfns()
     }
 }
