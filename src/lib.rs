@@ -14,11 +14,17 @@ pub use dirtyvm_sys as sys;
 #[cfg(not(loom))]
 pub mod bitmap;
 #[cfg(not(loom))]
+pub mod demo;
+#[cfg(not(loom))]
 pub mod guest;
 #[cfg(not(loom))]
 #[allow(unsafe_code)]
 pub mod kvm;
 pub mod limit;
+#[cfg(not(loom))]
+pub mod plot;
+#[cfg(not(loom))]
+pub mod qmp;
 #[cfg(not(loom))]
 pub mod rate;
 #[cfg(not(loom))]
@@ -26,6 +32,8 @@ pub mod reaper;
 #[cfg(not(loom))]
 pub mod report;
 pub mod ring;
+#[cfg(not(loom))]
+pub mod scenario;
 #[cfg(not(loom))]
 #[allow(unsafe_code)]
 pub mod sched;

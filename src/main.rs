@@ -11,8 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use serde::Serialize;
 
+use dirtyvm::demo::{self, DemoOptions};
 use dirtyvm::guest::{self, GuestStats, Workload};
 use dirtyvm::limit::LimitAlgo;
+use dirtyvm::qmp::{MachineBackend, Server};
 use dirtyvm::rate::{
     Measurement, RateMode, RateRequest, RateStatus, DEFAULT_SAMPLE_PAGES, MAX_CALC_TIME_MS,
     MIN_CALC_TIME_MS,
@@ -40,15 +42,20 @@ Exit codes: 0 success, 2 bad usage or input, 3 KVM unavailable or lacking a need
 
 #[derive(Debug, Parser)]
 #[command(name = "dirtyvm", version, about = ABOUT, long_about = LONG_ABOUT, after_long_help = WORKLOAD_HELP)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Without a command: the demo's options.
+    #[command(flatten)]
+    demo: DemoArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The showcase scenario: a writer and a reader vCPU side by side (the default command).
-    Demo,
+    /// The showcase: a writer and a reader vCPU; dirty rates in every mode beside the truth;
+    /// a dirty limit, then auto-converge; a table and a picture (the default command).
+    Demo(DemoArgs),
     /// Print this host's KVM facts and capabilities.
     Probe {
         /// Print JSON instead of text.
@@ -73,6 +80,31 @@ own region of guest memory, so the working sets together must fit in --memory.
 Example:
   dirtyvm run --vcpus 2 --memory 256M --workload write:64M --workload read:64M \\
       --duration 3 --report r.json";
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Guest memory.
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_memory)]
+    memory: u64,
+    /// The writer's working set (vCPU 0, unpaced).
+    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = parse_memory)]
+    writer: u64,
+    /// The reader's working set (vCPU 1).
+    #[arg(long, default_value = "64M", value_name = "SIZE", value_parser = parse_memory)]
+    reader: u64,
+    /// The dirty limit, and auto-converge's target, MiB/s.
+    #[arg(long, default_value_t = 64.0, value_name = "MIBPS", value_parser = parse_rate)]
+    limit: f64,
+    /// Seconds under the dirty limit (auto-converge gets 2 more to climb).
+    #[arg(long, default_value_t = 8, value_name = "SECS", value_parser = clap::value_parser!(u64).range(3..=600))]
+    phase_secs: u64,
+    /// Where to write the picture (SVG).
+    #[arg(long, default_value = "dirtyvm-demo.svg", value_name = "PATH")]
+    plot: PathBuf,
+    /// Also write the demo's findings and timeline as JSON here.
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+}
 
 #[derive(Debug, Args)]
 #[command(after_long_help = WORKLOAD_HELP)]
@@ -128,6 +160,10 @@ struct RunArgs {
     /// Write a JSON report here at exit.
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
+    /// Serve QMP (QEMU's protocol: query-status, stop, cont, quit, calc-dirty-rate,
+    /// set-vcpu-dirty-limit, ...) on a Unix socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
 }
 
 /// `--calc-dirty-rate MODE[:MS]`.
@@ -197,10 +233,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Demo) {
-        Command::Demo => run(demo_args()),
-        Command::Probe { json } => probe(json),
-        Command::Run(args) => run(args),
+    let result = match cli.command {
+        None => demo(cli.demo),
+        Some(Command::Demo(args)) => demo(args),
+        Some(Command::Probe { json }) => probe(json),
+        Some(Command::Run(args)) => run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -226,29 +263,38 @@ impl From<VmmError> for Failure {
     }
 }
 
-fn demo_args() -> RunArgs {
-    RunArgs {
-        vcpus: 2,
-        memory: 256 << 20,
-        workloads: vec![
-            Workload::Write {
-                bytes: 64 << 20,
-                mibps: None,
-            },
-            Workload::Read { bytes: 64 << 20 },
-        ],
-        dirty_log: DirtyLog::Ring,
-        ring_entries: None,
-        reaper: Cadence::Adaptive,
-        calc_dirty_rate: None,
-        sample_pages: DEFAULT_SAMPLE_PAGES,
-        dirty_limit: None,
-        vcpu_dirty_limit: Vec::new(),
-        limit_algo: LimitAlgo::Quota,
-        throttle: None,
-        duration: Some(Duration::from_secs(5)),
-        report: None,
+fn demo(args: DemoArgs) -> Result<(), Failure> {
+    if args.writer + args.reader > args.memory {
+        return Err(Failure {
+            code: 2,
+            message: format!(
+                "--writer {} and --reader {} do not fit in --memory {}",
+                guest::Size(args.writer),
+                guest::Size(args.reader),
+                guest::Size(args.memory)
+            ),
+        });
     }
+    let options = DemoOptions {
+        memory: args.memory,
+        writer: args.writer,
+        reader: args.reader,
+        limit_mibps: args.limit,
+        phase_secs: args.phase_secs,
+        plot: args.plot.clone(),
+    };
+    let summary = demo::run(&options)?;
+    demo::print_summary(&summary, args.limit);
+    println!("\npicture written to {}", args.plot.display());
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&summary).expect("plain data serializes");
+        std::fs::write(path, json + "\n").map_err(|e| Failure {
+            code: 1,
+            message: format!("writing the report to {}: {e}", path.display()),
+        })?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<(), Failure> {
@@ -333,7 +379,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
                 .into(),
         ));
     }
-    let mut machine = Machine::boot(&config)?;
+    let machine = Arc::new(Machine::boot(&config)?);
     let limited = match (args.throttle.is_some(), args.dirty_limit) {
         (true, Some(target)) => machine.limiter().set_auto_converge(target),
         (false, all) => all
@@ -352,6 +398,19 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         return Err(usage(e.to_string()));
     }
     spawn_signal_waiter(signals, machine.stop().clone());
+    let qmp = match &args.qmp {
+        Some(path) => match Server::spawn(path, Arc::new(MachineBackend::new(machine.clone()))) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                let _ = machine.shutdown();
+                return Err(Failure {
+                    code: 1,
+                    message: format!("cannot serve QMP at {}: {e}", path.display()),
+                });
+            }
+        },
+        None => None,
+    };
 
     let tracking = match (config.dirty_log, machine.tracker().ring_entries()) {
         (DirtyLog::Ring, Some(entries)) => {
@@ -369,7 +428,16 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             None => "running until Ctrl-C".to_string(),
         }
     );
+    if let Some(path) = &args.qmp {
+        println!("QMP listening on {}", path.display());
+    }
     let (reason, measurements) = watch(&machine, args.duration, rate);
+    if let Some(server) = qmp {
+        if reason != StopReason::Quit {
+            server.notify_shutdown();
+        }
+        server.stop();
+    }
     let stats = machine.guest_stats();
     let elapsed = machine.started().elapsed().as_secs_f64();
     let reaper = machine.reaper().map(|r| r.stats());

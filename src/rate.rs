@@ -195,6 +195,17 @@ pub enum RateStatus {
     Measured,
 }
 
+impl RateStatus {
+    /// The QMP name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RateStatus::Unstarted => "unstarted",
+            RateStatus::Measuring => "measuring",
+            RateStatus::Measured => "measured",
+        }
+    }
+}
+
 /// The meter's state, as `query-dirty-rate` shows it.
 #[derive(Debug, Clone)]
 pub struct RateState {
@@ -539,8 +550,13 @@ const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
 const P3: u64 = 0x1656_67B1_9E37_79F9;
 const P4: u64 = 0x85EB_CA77_C2B2_AE63;
 
-/// XXH64 (seed 1) of one guest page, read word by word while the guest may be writing it.
-fn hash_page(ram: &GuestMemory, page: u64) -> u64 {
+/// XXH64 (seed 1) of one guest page, read word by word while the guest may be writing it:
+/// what page-sampling mode computes for every sampled page, twice per measurement (public
+/// for the `sampling` bench).
+///
+/// # Panics
+/// If `page` is not a page of `ram`.
+pub fn hash_page(ram: &GuestMemory, page: u64) -> u64 {
     let words = &ram.words()[(page * PAGE_SIZE / 8) as usize..][..(PAGE_SIZE / 8) as usize];
     // Relaxed: a torn view of a page under concurrent writes hashes as "changed", which it is.
     xxh64_page(words.iter().map(|w| w.load(Ordering::Relaxed)))

@@ -128,7 +128,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Reaper {
     shared: Arc<Shared>,
-    handle: JoinHandle<()>,
+    handle: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Reaper {
@@ -164,7 +164,10 @@ impl Reaper {
         let handle = thread::Builder::new()
             .name("reaper".into())
             .spawn(move || reaper_loop(&thread_shared, &stop))?;
-        Ok(Reaper { shared, handle })
+        Ok(Reaper {
+            shared,
+            handle: Mutex::new(Some(handle)),
+        })
     }
 
     /// Kicks every vCPU out of `KVM_RUN` (flushing hardware dirty buffers into the rings),
@@ -195,11 +198,12 @@ impl Reaper {
         }
     }
 
-    /// Stops the thread after its current reap and joins it.
-    pub fn stop_and_join(self) {
+    /// Stops the thread after its current reap and joins it. Idempotent.
+    pub fn stop(&self) {
         self.shared.lock().quit = true;
         self.shared.wake.notify_all();
-        if let Err(panic) = self.handle.join() {
+        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Err(panic)) = handle.map(JoinHandle::join) {
             std::panic::resume_unwind(panic);
         }
     }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -115,6 +115,10 @@ pub struct VcpuControl {
     asleep_since_ns: AtomicU64,
     /// When `KVM_RUN` last returned ([`monotonic_ns`]).
     last_exit_ns: AtomicU64,
+    /// Paused by the VMM (QMP `stop`): the thread waits outside `KVM_RUN`.
+    paused: AtomicBool,
+    /// The thread's kernel thread id, once it runs.
+    tid: AtomicI64,
 }
 
 impl VcpuControl {
@@ -172,6 +176,26 @@ impl VcpuControl {
         self.last_exit_ns.load(Ordering::Relaxed)
     }
 
+    /// Pauses (`true`) or resumes the vCPU. A paused vCPU finishes its current exit and then
+    /// waits outside `KVM_RUN`; [`VcpuControl::in_guest`] tells when it got there.
+    pub fn set_paused(&self, paused: bool) {
+        // Release: pairs with the Acquire load in the run loop.
+        self.paused.store(paused, Ordering::Release);
+        self.kick();
+    }
+
+    /// Whether the vCPU is paused.
+    pub fn paused(&self) -> bool {
+        // Acquire: pairs with the Release store in `set_paused`.
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// The vCPU thread's kernel thread id (0 before it starts).
+    pub fn tid(&self) -> i64 {
+        // Relaxed: an id, set once before the thread enters the guest.
+        self.tid.load(Ordering::Relaxed)
+    }
+
     /// Serves the published penalty, if one is due: sleeps outside `KVM_RUN` until its
     /// deadline, waking early for a stop, a cancel or a shorter deadline.
     fn serve_penalty(&self) {
@@ -222,6 +246,8 @@ impl VcpuThread {
             penalty_ns: AtomicU64::new(0),
             asleep_since_ns: AtomicU64::new(0),
             last_exit_ns: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            tid: AtomicI64::new(0),
         });
         let shared = control.clone();
         let handle = thread::Builder::new()
@@ -277,11 +303,19 @@ impl fmt::Display for VcpuError {
 fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, tracker: &Tracker) -> Result<(), VcpuError> {
     *control.thread.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((pthread_self(), thread::current()));
+    control
+        .tid
+        .store(nix::unistd::gettid().as_raw().into(), Ordering::Relaxed);
     let result = loop {
         if control.stop_requested() {
             break Ok(());
         }
         control.serve_penalty();
+        if control.paused() {
+            // A kick (resume, stop) unparks; a spurious wakeup just loops.
+            thread::park();
+            continue;
+        }
         // Release: pairs with the Acquire load in `in_guest`.
         control.in_guest.store(true, Ordering::Release);
         let exit = vcpu.run();

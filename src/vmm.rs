@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dirtyvm_sys as sys;
@@ -244,7 +244,7 @@ fn create_vcpu(
 #[derive(Debug)]
 pub struct Machine {
     controls: Vec<Arc<VcpuControl>>,
-    threads: Vec<VcpuThread>,
+    threads: Mutex<Vec<VcpuThread>>,
     reaper: Option<Reaper>,
     meter: DirtyRateMeter,
     limiter: DirtyLimiter,
@@ -340,7 +340,7 @@ impl Machine {
         );
         Ok(Machine {
             controls,
-            threads,
+            threads: Mutex::new(threads),
             reaper,
             meter,
             limiter,
@@ -419,20 +419,43 @@ impl Machine {
         &self.meter
     }
 
+    /// Pauses every vCPU (QMP `stop`) and waits until none is inside `KVM_RUN` (1 s at
+    /// most per vCPU, should a kick go unanswered).
+    pub fn pause(&self) {
+        for vcpu in &self.controls {
+            vcpu.set_paused(true);
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        while self.controls.iter().any(|v| v.in_guest()) && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    /// Resumes every vCPU (QMP `cont`).
+    pub fn resume(&self) {
+        for vcpu in &self.controls {
+            vcpu.set_paused(false);
+        }
+    }
+
+    /// Whether the vCPUs run (not paused).
+    pub fn running(&self) -> bool {
+        !self.controls.iter().any(|v| v.paused())
+    }
+
     /// Stops every vCPU thread and joins it, reaps what they left in the rings, then stops
     /// the reaper. Counters stay readable afterwards. Idempotent.
-    pub fn shutdown(&mut self) -> Result<(), VmmError> {
+    pub fn shutdown(&self) -> Result<(), VmmError> {
         self.meter.cancel();
         self.limiter.stop();
-        for thread in &self.threads {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in &threads {
             thread.control().request_stop();
         }
-        std::mem::take(&mut self.threads)
-            .into_iter()
-            .for_each(VcpuThread::stop_and_join);
+        threads.into_iter().for_each(VcpuThread::stop_and_join);
         let last_reap = self.tracker.reap().map(drop);
-        if let Some(reaper) = self.reaper.take() {
-            reaper.stop_and_join();
+        if let Some(reaper) = &self.reaper {
+            reaper.stop();
         }
         last_reap.map_err(VmmError::io("the final harvest"))
     }

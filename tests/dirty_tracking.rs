@@ -28,7 +28,7 @@ fn region(machine: &Machine, id: usize) -> std::ops::Range<u64> {
 /// exactly the pages written (plus at most the one whose counter was not yet bumped).
 fn sequential_writer_is_tracked_exactly(log: DirtyLog) {
     // 4096 pages at 4 MiB/s = 1024 pages/s: no page is written twice in the test.
-    let mut machine = Machine::boot(&config(log, &["write:16M@4", "read:4M"])).unwrap();
+    let machine = Machine::boot(&config(log, &["write:16M@4", "read:4M"])).unwrap();
     // Start the window mid-run: flush (every write counted so far is then in the tracker)
     // and take what was dirtied until now. Pages written while that happens may land in
     // either set.
@@ -105,7 +105,7 @@ fn random_writer_pages_match_the_replayed_order() {
     if !common::kvm_available("random_writer_pages_match_the_replayed_order") {
         return;
     }
-    let mut machine = Machine::boot(&config(DirtyLog::Ring, &["random-write:16M@4"])).unwrap();
+    let machine = Machine::boot(&config(DirtyLog::Ring, &["random-write:16M@4"])).unwrap();
     sleep(Duration::from_millis(500));
     machine.shutdown().unwrap();
     let written = machine.guest_stats()[0].pages_written;
@@ -165,7 +165,7 @@ fn overflowing_ring_is_detected_and_recovered() {
     let mut config = config(DirtyLog::Ring, &["write:32M"]);
     config.ring_entries = Some(1024);
     config.reaper = Cadence::Fixed(Duration::from_millis(1000));
-    let mut machine = Machine::boot(&config).unwrap();
+    let machine = Machine::boot(&config).unwrap();
     let start = Instant::now();
     let mut progress = Vec::new();
     for _ in 0..10 {

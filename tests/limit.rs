@@ -55,7 +55,7 @@ fn rates(machine: &Machine, window: Duration) -> Vec<(f64, f64)> {
 }
 
 fn limit_holds_the_writer_and_spares_the_reader(algo: LimitAlgo) {
-    let (mut machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
+    let (machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
     let free = rates(&machine, Duration::from_millis(700))[0].0;
     assert!(
         free > 100.0,
@@ -125,7 +125,7 @@ fn auto_converge_slows_every_vcpu_alike() {
     if !common::kvm_available("auto_converge_slows_every_vcpu_alike") {
         return;
     }
-    let (mut machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
+    let (machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
     machine.limiter().set_auto_converge(1.0).unwrap();
     // Conflicts both ways.
     assert_eq!(
@@ -161,14 +161,14 @@ fn limits_are_refused_with_reasons() {
     if !common::kvm_available("limits_are_refused_with_reasons") {
         return;
     }
-    let (mut bitmap, turn) = boot(DirtyLog::Bitmap, &["idle"]);
+    let (bitmap, turn) = boot(DirtyLog::Bitmap, &["idle"]);
     let e = bitmap.limiter().set_limit(Some(0), 10.0, None).unwrap_err();
     assert_eq!(e, LimitError::NeedsRing);
     assert!(e.to_string().contains("dirty-ring-size"));
     bitmap.shutdown().unwrap();
     drop(turn);
 
-    let (mut ring, _turn) = boot(DirtyLog::Ring, &["idle"]);
+    let (ring, _turn) = boot(DirtyLog::Ring, &["idle"]);
     let limiter = ring.limiter();
     assert_eq!(
         limiter.set_limit(Some(2), 10.0, None),

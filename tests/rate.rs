@@ -37,7 +37,7 @@ fn dirty_ring_mode_splits_the_rate_per_vcpu() {
         return;
     }
     // A paced writer over more pages than it writes in the window, a reader, an idle vCPU.
-    let mut machine = boot(DirtyLog::Ring, 3, &["write:32M@8", "read:16M"]);
+    let machine = boot(DirtyLog::Ring, 3, &["write:32M@8", "read:16M"]);
     let m = measure(&machine, RateMode::DirtyRing, 500);
     machine.shutdown().unwrap();
     let rates = m
@@ -63,7 +63,7 @@ fn bitmap_and_page_sampling_track_the_truth() {
         return;
     }
     // A quarter of memory written: page-sampling sees it in a quarter of its samples.
-    let mut machine = boot(DirtyLog::Bitmap, 2, &["write:16M@64", "read:16M"]);
+    let machine = boot(DirtyLog::Bitmap, 2, &["write:16M@64", "read:16M"]);
     let bitmap = measure(&machine, RateMode::DirtyBitmap, 300);
     let sampled = measure(&machine, RateMode::PageSampling, 300);
     machine.shutdown().unwrap();
@@ -88,7 +88,7 @@ fn requests_are_refused_like_qemu() {
     if !common::kvm_available("requests_are_refused_like_qemu") {
         return;
     }
-    let mut machine = boot(DirtyLog::Ring, 1, &["idle"]);
+    let machine = boot(DirtyLog::Ring, 1, &["idle"]);
     let meter = machine.rate_meter();
     assert_eq!(meter.state().status, RateStatus::Unstarted);
     let long = RateRequest {

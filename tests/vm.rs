@@ -32,7 +32,7 @@ fn writer_dirties_its_region_reader_and_idle_do_not() {
     if !common::kvm_available("writer_dirties_its_region_reader_and_idle_do_not") {
         return;
     }
-    let mut machine = boot(3, 16 << 20, &["write:4M", "read:4M"]);
+    let machine = boot(3, 16 << 20, &["write:4M", "read:4M"]);
     // The reader's region holds a pattern it must leave untouched.
     let plan = machine.layout().vcpus()[1];
     for p in 0..plan.workload.pages() {

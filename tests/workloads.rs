@@ -136,7 +136,7 @@ fn check_ram(machine: &Machine, expected: &[Vec<u8>], in_flight: &[Option<u64>])
 /// ground-truth write rate is within 10% of `mibps`.
 fn paced_writer_holds(spec: &str, mibps: f64) {
     let _vm = one_vm_at_a_time();
-    let mut machine = boot(1, 16 << 20, &[spec]);
+    let machine = boot(1, 16 << 20, &[spec]);
     wait_for(
         &machine,
         Duration::from_secs(10),
@@ -244,7 +244,7 @@ fn random_writer_writes_exactly_its_replayed_order() {
     let _vm = one_vm_at_a_time();
     // 4M is 1024 pages (the LCG's period exactly); 3M is 768 pages, so the writer must skip
     // draws at or above the page count.
-    let mut machine = boot(2, 8 << 20, &["random-write:4M", "random-write:3M"]);
+    let machine = boot(2, 8 << 20, &["random-write:4M", "random-write:3M"]);
     let plans = machine.layout().vcpus().to_vec();
     assert_eq!(plans[0].lcg_mask(), 1023);
     assert_eq!(plans[1].lcg_mask(), 1023);
@@ -297,7 +297,7 @@ fn sequential_writer_writes_each_page_once_per_pass() {
     }
     let _vm = one_vm_at_a_time();
     // The 257-page writer laps often enough that its bytes wrap past 255.
-    let mut machine = boot(2, 8 << 20, &["write:4M", "write:1028K"]);
+    let machine = boot(2, 8 << 20, &["write:4M", "write:1028K"]);
     wait_for(&machine, Duration::from_secs(30), "passes", |s| {
         s[0].passes >= 2 && s[1].passes >= 300
     });
@@ -338,7 +338,7 @@ fn shutdown_joins_every_vcpu_thread() {
     }
     let _vm = one_vm_at_a_time();
     // A busy vCPU and a halted (parked) one: both must be woken and joined.
-    let mut machine = boot(2, 8 << 20, &["write:4M"]);
+    let machine = boot(2, 8 << 20, &["write:4M"]);
     wait_for(&machine, Duration::from_secs(10), "writer running", |s| {
         s[0].pages_written > 0
     });
@@ -363,7 +363,7 @@ fn idle_vcpus_halt_and_do_nothing() {
         return;
     }
     let _vm = one_vm_at_a_time();
-    let mut machine = boot(2, 4 << 20, &[]);
+    let machine = boot(2, 4 << 20, &[]);
     let hlt = |i: usize| machine.vcpus()[i].exits.hlt.load(Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(10);
     while hlt(0) == 0 || hlt(1) == 0 {

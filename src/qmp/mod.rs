@@ -1,0 +1,190 @@
+//! QMP, the QEMU Machine Protocol, over a Unix socket: existing QMP clients and scripts
+//! written for QEMU's dirty-rate and dirty-limit commands drive dirtyvm unchanged.
+//!
+//! The layers, each usable without the one above:
+//!
+//! - `json.rs`: QEMU's JSON dialect as QEMU 7.2 reads it (`qobject/json-lexer.c`,
+//!   `json-streamer.c`, `json-parser.c`): a byte-at-a-time lexer, a splitter that cuts the stream
+//!   into top-level values by counting brackets, and a parser; malformed input gets QEMU's
+//!   error texts at the points QEMU reports them, and the lexer resynchronizes the way QEMU's
+//!   does. Output is written in QEMU's style (`": "` and `", "` separators, ASCII only).
+//! - [`Session`] (`protocol.rs`): one client's protocol state, a pure function of the bytes fed
+//!   to it and the [`Backend`]'s answers: greeting, capabilities negotiation, request checks
+//!   (`qapi/qmp-dispatch.c`), `id` echo, events. Tests and the fuzz target drive it directly.
+//! - `commands.rs`: the command table, QAPI-style argument checks (member order, types,
+//!   unknown members, QEMU's texts) and the replies.
+//! - [`Server`] (`server.rs`): the socket, one client at a time, on one thread.
+//!
+//! The VM is behind the [`Backend`] trait: the server never reaches into the VMM.
+//!
+//! # Where the replies differ from QEMU's
+//!
+//! - A message whose tokens exceed 1 MiB before it completes gets QEMU's "JSON token size
+//!   limit exceeded" and the connection is closed (QEMU allows 64 MiB and carries on,
+//!   reading the rest of the value as garbage).
+//! - A negative `dirty-rate` is refused ("Parameter 'dirty-rate' expects uint64"); QEMU's
+//!   uint64 visitor accepts it for backward compatibility and wraps it to a huge limit.
+//! - `cpu-index` is checked before the backend is asked, so with no dirty ring a bad index
+//!   gets "incorrect cpu index specified" where QEMU first reports the missing ring (set) or
+//!   succeeds silently (cancel).
+//! - `calc-time` in seconds that overflows when converted to milliseconds is out of range;
+//!   QEMU's int64 multiplication wraps.
+//! - `query-dirty-rate` always has `calc-time-unit` (QEMU ≥ 8.2; 7.2 had no such member).
+//! - The greeting offers no capabilities (no `oob`); `{"enable": ["oob"]}` is refused with
+//!   QEMU's text for a capability that is not offered.
+//! - A number too large for a double (`1e999`) reads as `null`; QEMU keeps an infinity and
+//!   writes it back as `inf`, which is not JSON.
+//! - Keys inside a reply come out in sorted order (QEMU's follow its hash tables); where
+//!   several members are wrong, the first in sorted order is the one reported.
+
+mod commands;
+mod json;
+mod protocol;
+mod server;
+mod vm;
+
+#[cfg(any(test, fuzzing))]
+pub mod mock;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use serde::Serialize;
+
+pub use crate::rate::{RateMode as DirtyRateMode, RateStatus as DirtyRateStatus};
+pub use protocol::{Output, Session};
+pub use server::Server;
+pub use vm::MachineBackend;
+
+/// The VM as QMP sees it. Implemented by the VMM; every method is called from the QMP server
+/// thread, so none may block for long (a measurement runs in the background).
+pub trait Backend: Send + Sync {
+    /// Whether the vCPUs run (`query-status`).
+    fn running(&self) -> bool;
+    /// Pauses every vCPU; does nothing when already paused.
+    fn stop(&self);
+    /// Resumes every vCPU; does nothing when already running.
+    fn cont(&self);
+    /// Requests a VM shutdown (`quit`); returns at once.
+    fn quit(&self);
+    /// One entry per vCPU, by index (`query-cpus-fast`).
+    fn cpus(&self) -> Vec<CpuInfo>;
+    /// Valid `cpu-index` values are `0..max_cpus`.
+    fn max_cpus(&self) -> u32;
+    /// Starts a measurement and returns at once. The arguments are already checked against
+    /// QEMU's ranges; the backend refuses a mode it cannot measure with
+    /// "mode %s is not enabled, use other method instead." (see [`DirtyRateMode::name`]) and
+    /// a second measurement while one runs with "the dirty rate is already being measured."
+    fn calc_dirty_rate(&self, request: CalcDirtyRate) -> Result<(), QmpError>;
+    /// The state and result of the latest measurement.
+    fn query_dirty_rate(&self) -> DirtyRateInfo;
+    /// Limits one vCPU (`cpu_index` already in `0..max_cpus`) or, with `None`, every vCPU
+    /// up to `max_cpus`, to `dirty_rate` MB/s. As in QEMU, a rate of 0 cancels the limit, and
+    /// without a dirty ring the answer is "dirty page limit feature requires KVM with
+    /// accelerator property 'dirty-ring-size' set'" (sic).
+    fn set_vcpu_dirty_limit(&self, cpu_index: Option<u32>, dirty_rate: u64)
+        -> Result<(), QmpError>;
+    /// Lifts the limit of one vCPU or, with `None`, of all; succeeds when none is set.
+    fn cancel_vcpu_dirty_limit(&self, cpu_index: Option<u32>) -> Result<(), QmpError>;
+    /// The limited vCPUs only; empty when the limiter is not in service.
+    fn query_vcpu_dirty_limit(&self) -> Vec<DirtyLimitInfo>;
+    /// `x-query-vcpu-counters`: per vCPU, the guest's own count of pages written, dirty pages
+    /// harvested, ring-full exits and the penalty served.
+    fn x_counters(&self) -> serde_json::Value;
+    /// `x-query-reaper`: the reaper's cadence and progress.
+    fn x_reaper(&self) -> serde_json::Value;
+    /// `x-set-auto-converge`: throttle every vCPU by `percent` (1..=99), or stop throttling
+    /// with `None`.
+    fn x_set_throttle(&self, percent: Option<u8>) -> Result<(), QmpError>;
+    /// `x-query-auto-converge`: the throttle's state.
+    fn x_query_throttle(&self) -> serde_json::Value;
+}
+
+/// QEMU's error classes (qapi/error.json), by their wire names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotActive,
+    DeviceNotFound,
+    #[serde(rename = "KVMMissingCap")]
+    KvmMissingCap,
+}
+
+/// A command's failure: `{"error": {"class": ..., "desc": ...}}` on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QmpError {
+    pub class: ErrorClass,
+    pub desc: String,
+}
+
+impl QmpError {
+    /// The class of nearly every QEMU error.
+    pub fn generic(desc: impl Into<String>) -> QmpError {
+        QmpError {
+            class: ErrorClass::GenericError,
+            desc: desc.into(),
+        }
+    }
+
+    pub fn command_not_found(desc: impl Into<String>) -> QmpError {
+        QmpError {
+            class: ErrorClass::CommandNotFound,
+            desc: desc.into(),
+        }
+    }
+}
+
+impl fmt::Display for QmpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.desc)
+    }
+}
+
+impl std::error::Error for QmpError {}
+
+/// One vCPU in `query-cpus-fast`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuInfo {
+    pub cpu_index: u32,
+    /// The host thread id (TID) of the vCPU thread.
+    pub thread_id: i64,
+}
+
+/// A checked `calc-dirty-rate` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CalcDirtyRate {
+    /// The window, in [50, 60000].
+    pub calc_time_ms: u64,
+    /// Sampled pages per GiB, in [128, 16384]; 512 unless the client chose.
+    pub sample_pages: u64,
+    pub mode: DirtyRateMode,
+}
+
+/// The latest measurement, for `query-dirty-rate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyRateInfo {
+    pub status: DirtyRateStatus,
+    /// MiB/s; reported only once measured.
+    pub dirty_rate: Option<i64>,
+    /// When the measurement started, host wall-clock seconds.
+    pub start_time: i64,
+    /// The actual window.
+    pub calc_time_ms: u64,
+    /// Reported as 0 once measured in a mode other than page-sampling, as QEMU does.
+    pub sample_pages: u64,
+    pub mode: DirtyRateMode,
+    /// `(vCPU index, MiB/s)`; reported only once measured in dirty-ring mode.
+    pub vcpu_dirty_rate: Option<Vec<(u32, i64)>>,
+}
+
+/// One limited vCPU in `query-vcpu-dirty-limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyLimitInfo {
+    pub cpu_index: u32,
+    /// MB/s.
+    pub limit_rate: u64,
+    /// MB/s, as last measured by the limiter.
+    pub current_rate: u64,
+}

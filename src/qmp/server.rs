@@ -1,0 +1,243 @@
+//! The QMP socket: one client at a time, on one thread.
+//!
+//! The thread polls (accept on a non-blocking listener, reads with a timeout) so that
+//! [`Server::stop`] and [`Server::notify_shutdown`] take effect within [`POLL`] whatever
+//! the client does; a client that stops reading is dropped after [`WRITE_TIMEOUT`].
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use super::protocol::{host_shutdown_event, Session};
+use super::Backend;
+
+/// How long the server thread waits for a client or for input before looking at its flags.
+const POLL: Duration = Duration::from_millis(100);
+/// How long a client may leave replies unread before it is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Input read and discarded after the server ends a session, so that a client still
+/// sending sees its reply and an orderly end of stream rather than a reset.
+const LINGER_BYTES: usize = 16 << 20;
+
+/// A QMP server on a Unix socket. Stopping it (or dropping it) joins the thread and removes
+/// the socket file.
+pub struct Server {
+    path: PathBuf,
+    /// The bound socket file's (device, inode): the file removed at stop only if it is still
+    /// this one.
+    socket_file: (u64, u64),
+    flags: Arc<Flags>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Requests from the owner to the server thread.
+#[derive(Default)]
+struct Flags {
+    stopping: AtomicBool,
+    shutdown_pending: AtomicBool,
+}
+
+impl Server {
+    /// Listens at `path` and serves clients on a thread named `qmp`. A socket file left by a
+    /// process that died is replaced; a live one, or any other file, is an error.
+    pub fn spawn(path: &Path, backend: Arc<dyn Backend>) -> io::Result<Server> {
+        remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path).map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!(
+                    "cannot listen for QMP clients at {}: {error}",
+                    path.display()
+                ),
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        let bound = fs::symlink_metadata(path)?;
+        let flags = Arc::new(Flags::default());
+        let thread = thread::Builder::new().name("qmp".into()).spawn({
+            let flags = Arc::clone(&flags);
+            move || serve(&listener, &backend, &flags)
+        })?;
+        Ok(Server {
+            path: path.to_path_buf(),
+            socket_file: (bound.dev(), bound.ino()),
+            flags,
+            thread: Some(thread),
+        })
+    }
+
+    /// Tells the connected client, if any, that the VM is shutting down by itself (a signal
+    /// or the time limit): the event QEMU sends before exiting.
+    pub fn notify_shutdown(&self) {
+        // Release pairs with the Acquire swap in `Flags::take_shutdown` on the server thread.
+        self.flags.shutdown_pending.store(true, Ordering::Release);
+    }
+
+    /// Stops serving: the client, if any, is disconnected, after any pending SHUTDOWN event.
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // Release pairs with the Acquire loads in `Flags::stopping` on the server thread.
+        self.flags.stopping.store(true, Ordering::Release);
+        // A server thread that panicked left nothing to clean up but the socket file.
+        let _ = thread.join();
+        let still_ours = fs::symlink_metadata(&self.path)
+            .is_ok_and(|file| (file.dev(), file.ino()) == self.socket_file);
+        if still_ours {
+            // Best effort: a file that vanished meanwhile is what we wanted anyway.
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+impl Flags {
+    fn stopping(&self) -> bool {
+        // Acquire pairs with the Release store in `Server::shut_down`.
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    fn take_shutdown(&self) -> bool {
+        // Acquire pairs with the Release store in `Server::notify_shutdown`.
+        self.shutdown_pending.swap(false, Ordering::Acquire)
+    }
+}
+
+/// Makes way for the socket: nothing there, or a socket nobody listens on any more.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let file = match fs::symlink_metadata(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    if !file.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket: remove it or choose another QMP path",
+                path.display()
+            ),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "another process serves QMP at {}: stop it or choose another path",
+                path.display()
+            ),
+        )),
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(path),
+        Err(error) => Err(io::Error::new(
+            error.kind(),
+            format!(
+                "cannot tell whether the socket {} is in use: {error}",
+                path.display()
+            ),
+        )),
+    }
+}
+
+/// The server thread.
+fn serve(listener: &UnixListener, backend: &Arc<dyn Backend>, flags: &Flags) {
+    while !flags.stopping() {
+        match listener.accept() {
+            Ok((client, _)) => {
+                // A client's I/O error ends its session and nothing else.
+                let _ = serve_client(client, backend, flags);
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                // A SHUTDOWN with no client to hear it is dropped, as QEMU's would be.
+                flags.take_shutdown();
+                thread::sleep(POLL);
+            }
+            // Out of file descriptors or the like: retry later rather than spin.
+            Err(_) => thread::sleep(POLL),
+        }
+    }
+}
+
+fn serve_client(
+    mut client: UnixStream,
+    backend: &Arc<dyn Backend>,
+    flags: &Flags,
+) -> io::Result<()> {
+    client.set_nonblocking(false)?;
+    client.set_read_timeout(Some(POLL))?;
+    client.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let mut session = Session::new(Arc::clone(backend));
+    send(&mut client, &[Session::greeting()])?;
+    let mut input = vec![0; 64 << 10];
+    loop {
+        if flags.take_shutdown() {
+            send(&mut client, &[host_shutdown_event()])?;
+        }
+        if flags.stopping() {
+            return Ok(());
+        }
+        let read = match client.read(&mut input) {
+            Ok(0) => return Ok(()),
+            Ok(read) => read,
+            Err(error) if is_transient(&error) => continue,
+            Err(error) => return Err(error),
+        };
+        let output = session.feed(&input[..read]);
+        send(&mut client, &output.lines)?;
+        if output.close {
+            linger(client, &mut input);
+            return Ok(());
+        }
+    }
+}
+
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+fn send(client: &mut UnixStream, lines: &[String]) -> io::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut wire = String::new();
+    for line in lines {
+        wire.push_str(line);
+        wire.push_str("\r\n");
+    }
+    client.write_all(wire.as_bytes())
+}
+
+/// Ends a session the server chose to end: end of stream to the client, then its remaining
+/// input discarded until it closes, goes quiet for [`POLL`], or sends [`LINGER_BYTES`].
+fn linger(mut client: UnixStream, input: &mut [u8]) {
+    if client.shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES {
+        match client.read(input) {
+            Ok(0) => return,
+            Ok(read) => discarded += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
