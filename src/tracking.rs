@@ -10,8 +10,10 @@
 //!
 //! A kernel whose ring-full exit comes late (HOST-NOTES) pushes past a full ring and
 //! overwrites entries: pages are lost, and the ring can wedge (every `KVM_RUN` exits
-//! ring-full, the reset returns 0). Two signs give an overflow away, and both are checked
-//! on every harvest of a ring:
+//! ring-full, the reset returns 0). Two signs give an overflow away: the first is checked on
+//! every harvest; the second on every harvest that hands pages or counts to a consumer and
+//! on every harvest of a ring whose vCPU took a ring-full exit (an overflow comes with one)
+//! until a scan finds the ring clean:
 //!
 //! - a harvest that collects a whole lap of the ring: the ring reached its hard limit,
 //!   which a well-behaved kernel never lets happen (reserved entries absorb late pushes);
@@ -139,6 +141,9 @@ struct RingState {
     harvester: Harvester,
     /// Ring-full exits in a row that harvested nothing.
     empty_ring_full: u32,
+    /// The vCPU took a ring-full exit since the last clean gap scan, so its ring may have
+    /// overflowed: every harvest scans it for a gap until one finds none.
+    suspect: bool,
 }
 
 /// Distinct pages dirtied since a measurement window opened: one bitmap and count per vCPU
@@ -232,6 +237,7 @@ impl Tracker {
                         map,
                         harvester: Harvester::new(),
                         empty_ring_full: 0,
+                        suspect: false,
                     })
                     .collect(),
                 bounds,
@@ -303,10 +309,13 @@ impl Tracker {
 
     /// Harvests every ring (or syncs the bitmap) and resets, publishing the dirtied pages.
     pub fn reap(&self) -> io::Result<Reap> {
-        self.reap_locked(&mut self.lock())
+        self.reap_locked(&mut self.lock(), false)
     }
 
-    fn reap_locked(&self, state: &mut State) -> io::Result<Reap> {
+    /// Reaps; with `scan_gaps` every ring is scanned for a gap of lost entries, otherwise only
+    /// rings whose vCPU took a ring-full exit (an overflow comes with one). Whatever hands
+    /// pages or counts to a consumer scans, so a loss is always known before it is handed out.
+    fn reap_locked(&self, state: &mut State, scan_gaps: bool) -> io::Result<Reap> {
         match self.log {
             DirtyLog::None => Ok(Reap::default()),
             DirtyLog::Bitmap => self.sync_bitmap(state),
@@ -314,7 +323,7 @@ impl Tracker {
                 let mut reap = Reap::default();
                 let mut collected = 0u32;
                 for id in 0..state.rings.len() {
-                    let harvested = self.harvest_ring(state, id);
+                    let harvested = self.harvest_ring(state, id, scan_gaps);
                     collected += harvested;
                     let entries = state.rings[id].map.entries();
                     reap.max_ring_fill = reap
@@ -344,10 +353,11 @@ impl Tracker {
             .ring_full_exits
             .fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
+        state.rings[id as usize].suspect = true;
         let own_before = state.rings[id as usize].harvester.cursor();
         let mut collected = 0;
         for ring in 0..state.rings.len() {
-            collected += self.harvest_ring(&mut state, ring);
+            collected += self.harvest_ring(&mut state, ring, false);
         }
         self.reset_and_publish(&mut state, collected)?;
         let own = &mut state.rings[id as usize];
@@ -380,7 +390,7 @@ impl Tracker {
     /// bitmap. Kick the vCPUs first on hosts with hardware dirty buffers (PML).
     pub fn open_window(&self) -> io::Result<()> {
         let mut state = self.lock();
-        self.reap_locked(&mut state)?;
+        self.reap_locked(&mut state, true)?;
         let sets = match self.log {
             DirtyLog::Ring => self.vcpus.len(),
             DirtyLog::Bitmap | DirtyLog::None => 1,
@@ -394,7 +404,7 @@ impl Tracker {
     /// `None` if no window was open.
     pub fn close_window(&self) -> io::Result<Option<Vec<u64>>> {
         let mut state = self.lock();
-        let reaped = self.reap_locked(&mut state);
+        let reaped = self.reap_locked(&mut state, true);
         let window = state.window.take();
         reaped?;
         Ok(window.map(|w| w.distinct))
@@ -402,13 +412,15 @@ impl Tracker {
 
     /// Reaps, then takes the pages dirtied since the last take.
     pub fn take_dirty(&self) -> io::Result<DirtyPages> {
-        self.reap()?;
+        let mut state = self.lock();
+        self.reap_locked(&mut state, true)?;
         Ok(self.ram.take())
     }
 
-    /// Harvests ring `id` into `state.harvested`; returns how many entries it marked
-    /// harvested (what the next reset should count for this ring).
-    fn harvest_ring(&self, state: &mut State, id: usize) -> u32 {
+    /// Harvests ring `id` into `state.harvested`, scanning for a gap when asked or when the
+    /// ring is suspect; returns how many entries it marked harvested (what the next reset
+    /// should count for this ring).
+    fn harvest_ring(&self, state: &mut State, id: usize, scan_gaps: bool) -> u32 {
         let State {
             rings,
             bounds,
@@ -436,7 +448,11 @@ impl Tracker {
                 .bad_entries
                 .fetch_add(h.bad_entries.into(), Ordering::Relaxed);
             if h.harvested == entries {
+                ring.suspect = true;
                 self.overflowed(id as u32, 0, "a whole lap of the ring was dirty");
+            }
+            if !(scan_gaps || ring.suspect) {
+                break;
             }
             // A gap: lost entries at the cursor with dirty ones behind them.
             match ring::first_dirty_after(&ring.map, ring.harvester.cursor()) {
@@ -445,7 +461,11 @@ impl Tracker {
                     marked += lost;
                     self.overflowed(id as u32, lost, "entries were lost before dirty ones");
                 }
-                _ => break,
+                Some(_) => break,
+                None => {
+                    ring.suspect = false;
+                    break;
+                }
             }
         }
         self.vcpus[id].harvested.fetch_add(valid, Ordering::Relaxed);
