@@ -295,6 +295,8 @@ impl DirtyRateMeter {
         }
         state.rate.status = RateStatus::Measuring;
         state.rate.request = Some(request);
+        // A measurement that ends without a result must not show the previous one's.
+        state.rate.last = None;
         state.rate.start_time = wall_clock_seconds();
         let shared = self.shared.clone();
         let spawned = thread::Builder::new()

@@ -9,6 +9,7 @@ use super::{
     Backend, CalcDirtyRate, CpuInfo, DirtyLimitInfo, DirtyRateInfo, DirtyRateMode, DirtyRateStatus,
     QmpError,
 };
+use crate::limit::LimitError;
 use crate::rate::RateRequest;
 use crate::tracking::DirtyLog;
 use crate::vcpu::StopReason;
@@ -107,6 +108,10 @@ impl Backend for MachineBackend {
         cpu_index: Option<u32>,
         dirty_rate: u64,
     ) -> Result<(), QmpError> {
+        // As QEMU: the ring check comes first, even for a rate of 0 (a cancel).
+        if self.machine.tracker().log() != DirtyLog::Ring {
+            return Err(QmpError::generic(LimitError::NeedsRing.to_string()));
+        }
         let limiter = self.machine.limiter();
         let result = if dirty_rate == 0 {
             limiter.cancel(cpu_index)
@@ -174,7 +179,16 @@ impl Backend for MachineBackend {
 
     fn x_reaper(&self) -> Value {
         match self.machine.reaper() {
-            Some(reaper) => serde_json::to_value(reaper.stats()).unwrap_or(Value::Null),
+            Some(reaper) => {
+                let r = reaper.stats();
+                json!({
+                    "mode": r.mode,
+                    "reaps": r.reaps,
+                    "flushes": r.flushes,
+                    "interval-ms": r.interval_ms,
+                    "policy": r.policy,
+                })
+            }
             None => json!({"mode": "none"}),
         }
     }
@@ -187,9 +201,11 @@ impl Backend for MachineBackend {
     }
 
     fn x_query_throttle(&self) -> Value {
-        match self.machine.limiter().throttle() {
-            Some(t) => serde_json::to_value(t).unwrap_or(Value::Null),
-            None => json!({"percent": 0}),
-        }
+        let throttle = self.machine.limiter().throttle();
+        json!({
+            "percent": throttle.map_or(0, |t| t.percent),
+            "target-mibps": throttle.and_then(|t| t.target_mibps),
+            "current-mibps": throttle.map_or(0.0, |t| t.current_mibps),
+        })
     }
 }
