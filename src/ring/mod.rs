@@ -48,10 +48,9 @@
 //! layout from a `u32`, so they cannot be overlaid on the kernel's mmap'd ring.
 //! The seam is therefore the slot store, not the atomic type: the harvest logic
 //! is generic over [`SlotStore`], implemented by the mmap-backed ring in
-//! `crate::kvm` and by the heap-backed [`HeapRing`]. A store that is one
-//! contiguous slice says so ([`SlotStore::gfns`]) and the harvester then walks
-//! it without a per-entry index check (`benches/harvest.rs` measures both
-//! paths against a plain scan of the same entries). [`DirtyGfn`] is built from
+//! `crate::kvm` and by the heap-backed [`HeapRing`], each handing out its entries
+//! as one slice ([`SlotStore::gfns`]) that the harvester walks without a
+//! per-entry index check. [`DirtyGfn`] is built from
 //! `crate::sync` atomics, which are loom's under `cfg(loom)`; loom then drives a
 //! [`HeapRing`] shared between the [`Harvester`] and a [`MockKernel`], a model of
 //! the kernel's producer and reset walk. Tests, benches and the fuzz target use
