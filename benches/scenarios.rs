@@ -51,7 +51,10 @@ fn main() {
         scenario::print_accuracy(&rows);
     }
     if wants("convergence") {
-        println!("\n== dirty-limit convergence (writer + reader, 8 s under the controller) ==");
+        println!(
+            "\n== dirty-limit convergence (writer + reader, 1 s windows; 8 s under a limit, \
+             14 s under auto-converge) =="
+        );
         let mut rows = Vec::new();
         for limit in [16.0, 64.0, 256.0] {
             for controller in [
@@ -59,13 +62,12 @@ fn main() {
                 Controller::Limit(LimitAlgo::Reference),
                 Controller::AutoConverge,
             ] {
-                match scenario::convergence(
-                    controller,
-                    limit,
-                    None,
-                    Duration::from_secs(2),
-                    Duration::from_secs(8),
-                ) {
+                // Auto-converge climbs one step a second: give it time to reach 99 %.
+                let run = match controller {
+                    Controller::AutoConverge => Duration::from_secs(14),
+                    Controller::Limit(_) => Duration::from_secs(8),
+                };
+                match scenario::convergence(controller, limit, None, Duration::from_secs(2), run) {
                     Ok((row, _)) => rows.push(row),
                     Err(e) => println!("{controller} {limit}: {e}"),
                 }

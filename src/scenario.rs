@@ -182,8 +182,11 @@ pub struct ConvergenceRow {
     pub mean_error_pct: f64,
     /// Mean absolute error after convergence, %.
     pub mean_abs_error_pct: f64,
-    /// The reader's throughput under the controller over its throughput before, %.
+    /// The reader's throughput over its throughput before, %, once the controller holds the
+    /// writer at or under the limit (+10 %); over the last 2 s if it never does.
     pub reader_pct: f64,
+    /// Whether the controller ever held the writer at or under the limit (+10 %).
+    pub held: bool,
     /// Ring-full exits during the scenario.
     pub ring_full_exits: u64,
     /// Ring overflows detected during the scenario.
@@ -293,8 +296,17 @@ pub fn convergence(
     };
     let mean_error = mean(&|p| relative_error(p.writer_mibps, limit));
     let mean_abs_error = mean(&|p| relative_error(p.writer_mibps, limit).abs());
-    // Reader throughput once the controller has done its work: the second half of the run.
-    let tail = &trace[trace.len() / 2..];
+    // Reader throughput once the controller holds the writer at or under the limit (+10 %):
+    // from the point after which the writer never exceeds it; the last 2 s if it always does.
+    let held = trace
+        .iter()
+        .rposition(|p| p.writer_mibps > limit * (1.0 + BAND))
+        .map_or(0, |i| i + 1);
+    let tail = if held < trace.len() {
+        &trace[held..]
+    } else {
+        &trace[trace.len().saturating_sub(20)..]
+    };
     let reader_under = tail.iter().map(|p| p.reader_mibps).sum::<f64>() / tail.len().max(1) as f64;
     Ok((
         ConvergenceRow {
@@ -309,6 +321,7 @@ pub fn convergence(
             } else {
                 0.0
             },
+            held: held < trace.len(),
             ring_full_exits: row_counters.0,
             wedged_rings: row_counters.1,
             throttle_pct,
@@ -370,8 +383,13 @@ pub fn print_convergence(rows: &[ConvergenceRow]) {
         let throttle = r
             .throttle_pct
             .map_or(String::new(), |p| format!(" (throttle {p}%)"));
+        let held = if r.held {
+            ""
+        } else {
+            " (writer never held under the limit)"
+        };
         println!(
-            "{:<14} {:>6.0} {:>10.1} {:>10} {:>9.1}% {:>9.1}% {:>7.1}% {:>9} {:>7}{throttle}",
+            "{:<14} {:>6.0} {:>10.1} {:>10} {:>9.1}% {:>9.1}% {:>7.1}% {:>9} {:>7}{throttle}{held}",
             r.controller,
             r.limit_mibps,
             r.free_mibps,
