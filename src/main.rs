@@ -95,7 +95,7 @@ struct DemoArgs {
     /// The dirty limit, and auto-converge's target, MiB/s.
     #[arg(long, default_value_t = 64.0, value_name = "MIBPS", value_parser = parse_rate)]
     limit: f64,
-    /// Seconds under the dirty limit (auto-converge gets 2 more to climb).
+    /// Seconds under the dirty limit (auto-converge gets 4 more to climb).
     #[arg(long, default_value_t = 8, value_name = "SECS", value_parser = clap::value_parser!(u64).range(3..=600))]
     phase_secs: u64,
     /// Where to write the picture (SVG).
