@@ -36,12 +36,10 @@ impl DirtyRingMap {
 
 impl SlotStore for DirtyRingMap {
     fn gfns(&self) -> &[DirtyGfn] {
-        // SAFETY: the mapping holds `entries` kvm_dirty_gfn, page-aligned, for as long as
-        // `self` lives; DirtyGfn has kvm_dirty_gfn's layout (asserted in crate::ring) and
-        // all-atomic fields, so sharing it with the kernel, which writes concurrently, is
-        // sound; no `&mut` into the ring is ever created.
-        unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr().cast::<DirtyGfn>(), self.entries as usize)
-        }
+        let first = self.map.as_ptr().cast::<DirtyGfn>();
+        // SAFETY: the mapping holds `entries` page-aligned kvm_dirty_gfn while `self` lives;
+        // DirtyGfn has that layout (asserted in crate::ring) and only atomic fields, the
+        // only way the kernel's concurrent writes are ever observed; no `&mut` is made.
+        unsafe { std::slice::from_raw_parts(first, self.entries as usize) }
     }
 }

@@ -50,10 +50,9 @@ impl GuestMemory {
 
     /// The memory as bytes.
     pub fn bytes(&self) -> &[AtomicU8] {
-        // SAFETY: the mapping is valid for `len` bytes for as long as `self` holds its Arc;
-        // AtomicU8 has the layout of u8, and every host access goes through these atomics
-        // while the guest and kernel write concurrently, so there is no unsynchronized
-        // non-atomic access from this side.
+        // SAFETY: the mapping is valid for `len` bytes while `self` holds its Arc; AtomicU8
+        // has u8's layout, and every host access goes through atomics, so the guest's
+        // concurrent writes never race a non-atomic access from this side.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU8>(), self.len()) }
     }
 
