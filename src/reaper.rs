@@ -4,42 +4,46 @@
 //! # The adaptive cadence
 //!
 //! The reference design reaps once a second, which a full-speed writer outruns: on this
-//! host a 65536-entry ring fills in about 125 ms, and a ring that fills overflows and loses
-//! pages (HOST-NOTES). The published adaptive designs step through fixed levels (Chongyun
-//! Wu's six buckets) or nudge the delay (Peter Xu's `/2` above 80 % fill, `+20 ms` below
-//! 20 %); both need many reaps to settle and the first lets a ring reach 50 % before its
-//! fastest level.
+//! host a 65536-entry ring fills in under half a second, and a ring that fills overflows and
+//! loses pages (HOST-NOTES). The published adaptive designs step through fixed levels
+//! (Chongyun Wu's six buckets) or nudge the delay (Peter Xu's `/2` above 80 % fill, `+20 ms`
+//! below 20 %) from the fill each reap saw; both need many reaps to settle, and both are
+//! blind to what they have not seen: a vCPU that was slow (its first pass pays for page
+//! faults), paused, or held down by the dirty limiter (whose controller reaps on its own)
+//! stretches the cadence, and when it speeds up its ring fills before the next reap.
 //!
-//! Ring fill between reaps is the dirty rate times the interval, so one multiplicative
-//! step lands on a target: after each reap, with `fill` the fullest ring's harvested
-//! entries over its size, the next interval is `interval × TARGET_FILL / fill`. Speeding up
-//! takes effect at once; slowing down is capped at doubling per reap, so a writer that
-//! paused for one interval does not stretch the cadence past what it needs when it
-//! resumes. `TARGET_FILL` is a quarter: a vCPU can quadruple its dirty rate within one
-//! interval before its ring reaches the kernel's soft limit. A ring-full exit since the
-//! last reap means the cadence is already too slow: the interval drops to the minimum. The
-//! interval stays within [5 ms, 1 s]: below 5 ms a reaper competing with vCPU threads for
-//! two cores costs more than it saves, and 1 s is the reference's cadence.
+//! Ring fill is rate × interval, so dirtyvm sizes the interval for the fastest rate any
+//! vCPU has shown: `interval = TARGET_FILL × entries / peak`, where `peak` is the highest
+//! rate at which a vCPU's ring has filled (entries harvested or found lost, by whoever
+//! harvested them, over the time since the previous reap), never forgotten, like the
+//! reference controller's maximum rate. `TARGET_FILL` is an eighth: a vCPU can dirty eight
+//! times faster than anything seen before its ring nears full. Speeding up takes effect at
+//! once; slowing down at most doubles the interval per reap. A ring-full exit since the
+//! last reap means the cadence was too slow: the next reap comes after the minimum. The
+//! interval stays within [5 ms, 250 ms]: below 5 ms a reaper competing with vCPU threads for
+//! two cores costs more than it saves, and 250 ms bounds what a writer never seen at speed
+//! can put in a large ring (about 37 000 entries here). With the bitmap there is no ring to
+//! fill; the interval is the maximum.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::sched::{self, Policy};
-use crate::tracking::{Reap, Tracker};
+use crate::tracking::Tracker;
 use crate::vcpu::{kick_and_wait, Stop, StopReason, VcpuControl};
 
 /// Shortest adaptive interval.
 const MIN_INTERVAL: Duration = Duration::from_millis(5);
-/// Longest adaptive interval (the reference's fixed cadence).
-const MAX_INTERVAL: Duration = Duration::from_secs(1);
-/// The ring fill the adaptive cadence aims for.
-const TARGET_FILL: f64 = 0.25;
+/// Longest adaptive interval.
+const MAX_INTERVAL: Duration = Duration::from_millis(250);
+/// The ring fill the adaptive cadence aims for at the peak rate.
+const TARGET_FILL: f64 = 0.125;
 /// `SCHED_FIFO` priority of the reaper (low: it only needs to beat `SCHED_OTHER` vCPUs).
 const REAPER_PRIORITY: i32 = 10;
 
@@ -103,7 +107,7 @@ struct State {
     flushes_done: u64,
     quit: bool,
     policy: Policy,
-    ring_full_seen: u64,
+    adaptive: Adaptive,
 }
 
 #[derive(Debug)]
@@ -155,7 +159,7 @@ impl Reaper {
                 flushes_done: 0,
                 quit: false,
                 policy: Policy::Other,
-                ring_full_seen: 0,
+                adaptive: Adaptive::default(),
             }),
             wake: Condvar::new(),
             reaped: Condvar::new(),
@@ -234,33 +238,31 @@ fn reaper_loop(shared: &Shared, stop: &Stop) {
         if flush.is_some() {
             kick_and_wait(&shared.vcpus);
         }
-        let reap = match shared.tracker.reap() {
-            Ok(reap) => reap,
-            Err(e) => {
-                stop.request(StopReason::Failed(format!(
-                    "the reaper's harvest failed: {e}"
-                )));
-                break;
-            }
-        };
-        let ring_full: u64 = (0..shared.vcpus.len() as u32)
-            .map(|id| {
-                shared
-                    .tracker
-                    .vcpu(id)
-                    .ring_full_exits
-                    .load(Ordering::Relaxed)
-            })
+        if let Err(e) = shared.tracker.reap() {
+            stop.request(StopReason::Failed(format!(
+                "the reaper's harvest failed: {e}"
+            )));
+            break;
+        }
+        let stats = (0..shared.vcpus.len() as u32).map(|id| shared.tracker.vcpu(id));
+        let ring_full: u64 = stats
+            .clone()
+            .map(|v| v.ring_full_exits.load(Ordering::Relaxed))
             .sum();
+        let produced: Vec<u64> = stats.map(|v| v.entries_produced()).collect();
         let mut state = shared.lock();
         state.reaps += 1;
         if let Some(ticket) = flush {
             state.flushes_done = ticket;
         }
         if shared.cadence == Cadence::Adaptive {
-            state.interval = next_interval(state.interval, &reap, ring_full > state.ring_full_seen);
+            let entries = shared.tracker.ring_entries();
+            let interval = state.interval;
+            state.interval =
+                state
+                    .adaptive
+                    .next(interval, Instant::now(), &produced, entries, ring_full);
         }
-        state.ring_full_seen = ring_full;
         shared.reaped.notify_all();
     }
     let mut state = shared.lock();
@@ -268,32 +270,54 @@ fn reaper_loop(shared: &Shared, stop: &Stop) {
     shared.reaped.notify_all();
 }
 
-/// The adaptive rule (module docs).
-fn next_interval(interval: Duration, reap: &Reap, ring_full_exits: bool) -> Duration {
-    if ring_full_exits {
-        return MIN_INTERVAL;
+/// The adaptive cadence's memory (module docs).
+#[derive(Debug, Default)]
+struct Adaptive {
+    /// The highest rate a ring has filled at, entries per second.
+    peak: f64,
+    /// When the previous reap ended, and each vCPU's entries produced then.
+    last: Option<(Instant, Vec<u64>)>,
+    ring_full_seen: u64,
+}
+
+impl Adaptive {
+    /// The interval after a reap at `now`, given each vCPU's entries produced so far, the
+    /// ring size (`None` with the bitmap) and the ring-full exits so far.
+    fn next(
+        &mut self,
+        interval: Duration,
+        now: Instant,
+        produced: &[u64],
+        entries: Option<u32>,
+        ring_full: u64,
+    ) -> Duration {
+        if let Some((at, before)) = &self.last {
+            let secs = now.saturating_duration_since(*at).as_secs_f64();
+            // A reap right after another says little about a rate.
+            if secs >= MIN_INTERVAL.as_secs_f64() / 2.0 {
+                for (now_count, then) in produced.iter().zip(before) {
+                    self.peak = self.peak.max(now_count.saturating_sub(*then) as f64 / secs);
+                }
+            }
+        }
+        self.last = Some((now, produced.to_vec()));
+        if ring_full > self.ring_full_seen {
+            self.ring_full_seen = ring_full;
+            return MIN_INTERVAL;
+        }
+        let wanted = match entries {
+            Some(entries) if self.peak > 0.0 => {
+                Duration::from_secs_f64(TARGET_FILL * f64::from(entries) / self.peak)
+            }
+            _ => MAX_INTERVAL,
+        };
+        wanted.min(interval * 2).clamp(MIN_INTERVAL, MAX_INTERVAL)
     }
-    let grown = interval * 2;
-    let next = if reap.max_ring_fill > 0.0 {
-        interval
-            .mul_f64(TARGET_FILL / reap.max_ring_fill)
-            .min(grown)
-    } else {
-        grown
-    };
-    next.clamp(MIN_INTERVAL, MAX_INTERVAL)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reap(fill: f64) -> Reap {
-        Reap {
-            harvested: 1,
-            max_ring_fill: fill,
-        }
-    }
 
     #[test]
     fn cadence_parses() {
@@ -309,20 +333,46 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_interval_lands_on_the_target_fill_in_one_step() {
+    fn adaptive_interval_follows_the_peak_rate() {
         let ms = Duration::from_millis;
-        // 80 % full after 100 ms: the rate fills a quarter in 31.25 ms.
+        let t0 = Instant::now();
+        let mut a = Adaptive::default();
+        // First reap: no rate yet; grows at most twice.
+        assert_eq!(a.next(ms(5), t0, &[0, 0], Some(65536), 0), ms(10));
+        // 16384 entries in 100 ms: 163 840 entries/s; an eighth of 65536 is 8192 entries,
+        // 50 ms at that rate.
         assert_eq!(
-            next_interval(ms(100), &reap(0.8), false),
-            Duration::from_micros(31_250)
+            a.next(ms(100), t0 + ms(100), &[16384, 0], Some(65536), 0),
+            ms(50)
         );
-        // Nearly empty: grow, but at most double.
-        assert_eq!(next_interval(ms(100), &reap(0.01), false), ms(200));
-        assert_eq!(next_interval(ms(100), &reap(0.0), false), ms(200));
-        // Bounds.
-        assert_eq!(next_interval(ms(800), &reap(0.0), false), MAX_INTERVAL);
-        assert_eq!(next_interval(ms(6), &reap(1.0), false), MIN_INTERVAL);
-        // A ring-full exit: as fast as allowed.
-        assert_eq!(next_interval(ms(500), &reap(0.1), true), MIN_INTERVAL);
+        // The writer is held down (or paused): the interval still stays sized for the peak.
+        assert_eq!(
+            a.next(ms(50), t0 + ms(200), &[16400, 0], Some(65536), 0),
+            ms(50)
+        );
+        // A faster vCPU: faster at once.
+        let i = a.next(ms(50), t0 + ms(300), &[16400, 65536], Some(65536), 0);
+        assert_eq!(i, Duration::from_secs_f64(0.125 * 65536.0 / 655_360.0));
+        // A ring-full exit: the minimum.
+        assert_eq!(
+            a.next(ms(50), t0 + ms(400), &[16400, 65536], Some(65536), 1),
+            MIN_INTERVAL
+        );
+        // Small rings: never below the minimum.
+        assert_eq!(
+            a.next(ms(50), t0 + ms(500), &[16400, 65536], Some(1024), 1),
+            MIN_INTERVAL
+        );
+    }
+
+    #[test]
+    fn without_rings_the_interval_grows_to_the_maximum() {
+        let t0 = Instant::now();
+        let mut a = Adaptive::default();
+        let mut interval = MIN_INTERVAL;
+        for i in 0..10 {
+            interval = a.next(interval, t0 + Duration::from_millis(10 * i), &[], None, 0);
+        }
+        assert_eq!(interval, MAX_INTERVAL);
     }
 }

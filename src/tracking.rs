@@ -106,6 +106,17 @@ pub struct VcpuDirtyStats {
     pub overflows: AtomicU64,
 }
 
+impl VcpuDirtyStats {
+    /// Ring entries this vCPU's kernel pushed that were harvested or found lost, whoever
+    /// harvested them: what its dirtying filled its ring with.
+    pub fn entries_produced(&self) -> u64 {
+        [&self.harvested, &self.bad_entries, &self.lost_entries]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
 /// A ring that overflowed and could not be brought back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WedgedRing {
@@ -126,15 +137,6 @@ impl fmt::Display for WedgedRing {
 }
 
 impl std::error::Error for WedgedRing {}
-
-/// What one reap did.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Reap {
-    /// Valid entries (pages) harvested in all.
-    pub harvested: u64,
-    /// The fullest ring's harvested entries as a fraction of its size (0 for the bitmap).
-    pub max_ring_fill: f64,
-}
 
 struct RingState {
     map: DirtyRingMap,
@@ -308,29 +310,22 @@ impl Tracker {
     }
 
     /// Harvests every ring (or syncs the bitmap) and resets, publishing the dirtied pages.
-    pub fn reap(&self) -> io::Result<Reap> {
+    pub fn reap(&self) -> io::Result<()> {
         self.reap_locked(&mut self.lock(), false)
     }
 
     /// Reaps; with `scan_gaps` every ring is scanned for a gap of lost entries, otherwise only
     /// rings whose vCPU took a ring-full exit (an overflow comes with one). Whatever hands
     /// pages or counts to a consumer scans, so a loss is always known before it is handed out.
-    fn reap_locked(&self, state: &mut State, scan_gaps: bool) -> io::Result<Reap> {
+    fn reap_locked(&self, state: &mut State, scan_gaps: bool) -> io::Result<()> {
         match self.log {
-            DirtyLog::None => Ok(Reap::default()),
+            DirtyLog::None => Ok(()),
             DirtyLog::Bitmap => self.sync_bitmap(state),
             DirtyLog::Ring => {
-                let mut reap = Reap::default();
                 let mut collected = 0u32;
                 for id in 0..state.rings.len() {
-                    let harvested = self.harvest_ring(state, id, scan_gaps);
-                    collected += harvested;
-                    let entries = state.rings[id].map.entries();
-                    reap.max_ring_fill = reap
-                        .max_ring_fill
-                        .max(f64::from(harvested) / f64::from(entries));
+                    collected += self.harvest_ring(state, id, scan_gaps);
                 }
-                reap.harvested = state.harvested.len() as u64;
                 self.reset_and_publish(state, collected)?;
                 self.estimator
                     .lock()
@@ -341,7 +336,7 @@ impl Tracker {
                             .iter()
                             .map(|v| v.harvested.load(Ordering::Relaxed)),
                     );
-                Ok(reap)
+                Ok(())
             }
         }
     }
@@ -504,7 +499,7 @@ impl Tracker {
         Ok(reset)
     }
 
-    fn sync_bitmap(&self, state: &mut State) -> io::Result<Reap> {
+    fn sync_bitmap(&self, state: &mut State) -> io::Result<()> {
         let pages = self.ram.pages();
         self.vm.get_dirty_log(guest::RAM_SLOT, &mut state.bitmap)?;
         if self.manual_protect {
@@ -521,10 +516,7 @@ impl Tracker {
         if let Some(window) = state.window.as_mut() {
             window.mark_bitmap(&state.bitmap);
         }
-        Ok(Reap {
-            harvested: dirty,
-            max_ring_fill: 0.0,
-        })
+        Ok(())
     }
 }
 

@@ -7,12 +7,13 @@
 
 mod common;
 
+use common::{drain, KillOnDrop};
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Mutex, MutexGuard};
-use std::thread::{self, sleep, JoinHandle};
+use std::thread::{self};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -21,13 +22,6 @@ use serde_json::Value;
 
 /// No test waits longer than this for the binary; then it kills it and fails.
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Tests that boot VMs take turns: the host has two cores and every vCPU here spins.
-static VM_LOCK: Mutex<()> = Mutex::new(());
-
-fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
-    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The binary, with backtraces enabled so a panic could not hide.
 fn dirtyvm() -> Command {
@@ -40,51 +34,26 @@ fn dirtyvm() -> Command {
     command
 }
 
-/// A child that is killed if the test lets go of it (a failed assertion, a timeout).
-struct Running(Child);
+/// A running `dirtyvm`, killed if the test lets go of it.
+struct Running(KillOnDrop);
 
 impl Running {
     fn spawn(args: &[&str]) -> Running {
-        Running(dirtyvm().args(args).spawn().expect("spawning dirtyvm"))
+        Running(KillOnDrop(
+            dirtyvm().args(args).spawn().expect("spawning dirtyvm"),
+        ))
     }
 
     fn pid(&self) -> Pid {
-        Pid::from_raw(self.0.id() as i32)
+        Pid::from_raw(self.0 .0.id() as i32)
     }
 
     /// Waits up to `timeout` for the child; kills it and fails the test if it does not exit.
     fn wait(&mut self, timeout: Duration, what: &str) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("waiting for dirtyvm") {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-                panic!("dirtyvm did not exit within {timeout:?} ({what}); killed it");
-            }
-            sleep(Duration::from_millis(10));
-        }
+        self.0.wait_timeout(timeout).unwrap_or_else(|| {
+            panic!("dirtyvm did not exit within {timeout:?} ({what}); killed it")
+        })
     }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Reads a pipe to the end on its own thread, so the child never blocks on a full pipe.
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
-    })
 }
 
 /// Sends every stdout line as it arrives.
@@ -124,8 +93,8 @@ impl Output {
 /// Runs the binary to the end (at most [`TIMEOUT`]).
 fn run(args: &[&str]) -> Output {
     let mut child = Running::spawn(args);
-    let stdout = drain(child.0.stdout.take().expect("piped stdout"));
-    let stderr = drain(child.0.stderr.take().expect("piped stderr"));
+    let stdout = drain(child.0 .0.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.0 .0.stderr.take().expect("piped stderr"));
     let status = child.wait(TIMEOUT, &args.join(" "));
     Output {
         status,
@@ -288,7 +257,7 @@ fn vcpus_above_the_host_limit_are_bad_input() {
     if !common::kvm_available("vcpus_above_the_host_limit_are_bad_input") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     // The host's KVM_CAP_MAX_VCPUS is 1024 here; the message names the count and a limit.
     assert_bad_input(
         &["--vcpus", "100000", "--duration", "1"],
@@ -384,7 +353,7 @@ fn run_prints_progress_and_writes_the_report() {
     if !common::kvm_available("run_prints_progress_and_writes_the_report") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     let dir = TempDir::new("run");
     let report_path = dir.join("r.json");
     let out = run(&[
@@ -458,7 +427,7 @@ fn run_prints_progress_and_writes_the_report() {
 /// Runs without `--duration`, sends `signal` after the first progress line, and checks the
 /// run ends with exit 0, a summary and the report.
 fn stops_cleanly_on(signal: Signal) {
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     let dir = TempDir::new(&format!("signal-{}", signal.as_str()));
     let report_path = dir.join("r.json");
     let mut child = Running::spawn(&[
@@ -474,8 +443,8 @@ fn stops_cleanly_on(signal: Signal) {
         "--report",
         report_path.to_str().unwrap(),
     ]);
-    let lines = stream_lines(child.0.stdout.take().expect("piped stdout"));
-    let stderr = drain(child.0.stderr.take().expect("piped stderr"));
+    let lines = stream_lines(child.0 .0.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.0 .0.stderr.take().expect("piped stderr"));
 
     let mut stdout = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
@@ -555,7 +524,7 @@ fn probe_prints_host_facts() {
     if !common::kvm_available("probe_prints_host_facts") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     let out = run(&["probe"]);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert_no_panic(&out);
@@ -573,7 +542,7 @@ fn probe_json_has_api_version_and_dirty_ring_facts() {
     if !common::kvm_available("probe_json_has_api_version_and_dirty_ring_facts") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     let out = run(&["probe", "--json"]);
     assert_eq!(out.code(), Some(0), "{}", out.describe());
     assert_no_panic(&out);

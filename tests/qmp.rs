@@ -39,13 +39,14 @@
 
 mod common;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use common::{drain, KillOnDrop};
+
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::Shutdown;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread::{self, sleep, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -80,13 +81,6 @@ const TOLERANCE: u64 = 25;
 const NEEDS_RING: &str =
     "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'";
 
-/// Tests that boot VMs take turns: the host has two cores and every vCPU here spins.
-static VM_LOCK: Mutex<()> = Mutex::new(());
-
-fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
-    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// A fresh directory under the system temp dir, removed when dropped.
 struct TempDir(PathBuf);
 
@@ -103,43 +97,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// A child process that is killed if the test lets go of it (a failed assertion, a timeout).
-struct Guard(Child);
-
-impl Guard {
-    /// Waits up to `timeout`; `None` if it is still running.
-    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("waiting for a child") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Reads a pipe to the end on its own thread, so the child never blocks on a full pipe.
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
-    thread::spawn(move || {
-        let mut text = String::new();
-        let _ = pipe.read_to_string(&mut text);
-        text
-    })
 }
 
 /// What a finished process printed.
@@ -160,7 +117,7 @@ impl Exited {
 
 /// Waits for `child` (killing it and failing after `timeout`) and collects its output.
 fn finish(
-    child: &mut Guard,
+    child: &mut KillOnDrop,
     out: JoinHandle<String>,
     err: JoinHandle<String>,
     timeout: Duration,
@@ -186,7 +143,7 @@ fn finish(
 
 /// A running `dirtyvm run ... --qmp DIR/qmp.sock`, killed when dropped.
 struct Vm {
-    child: Guard,
+    child: KillOnDrop,
     stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<String>>,
     socket: PathBuf,
@@ -212,7 +169,7 @@ impl Vm {
         let stdout = drain(child.stdout.take().expect("piped stdout"));
         let stderr = drain(child.stderr.take().expect("piped stderr"));
         let mut vm = Vm {
-            child: Guard(child),
+            child: KillOnDrop(child),
             stdout: Some(stdout),
             stderr: Some(stderr),
             socket,
@@ -523,7 +480,7 @@ fn qmp_drives_a_real_vm_as_qemu_would_answer() {
     if !common::kvm_available("qmp_drives_a_real_vm_as_qemu_would_answer") {
         return;
     }
-    let _turn = one_vm_at_a_time();
+    let _turn = common::one_vm_at_a_time();
     let mut timer = Timer(Instant::now());
     let mut vm = Vm::start("e2e", &[]);
     timer.lap("boot");
@@ -1268,7 +1225,7 @@ fn qemu_style_python_session_runs_unchanged() {
         eprintln!("skipping qemu_style_python_session_runs_unchanged: python3 is not available");
         return;
     }
-    let _turn = one_vm_at_a_time();
+    let _turn = common::one_vm_at_a_time();
     let t0 = Instant::now();
     let mut vm = Vm::start("python", &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/qmp-session.py");
@@ -1282,7 +1239,7 @@ fn qemu_style_python_session_runs_unchanged() {
         .expect("spawning python3");
     let out = drain(child.stdout.take().expect("piped stdout"));
     let err = drain(child.stderr.take().expect("piped stderr"));
-    let mut child = Guard(child);
+    let mut child = KillOnDrop(child);
     let session = finish(
         &mut child,
         out,
@@ -1332,7 +1289,7 @@ fn bitmap_vm_answers_like_qemu_without_a_dirty_ring() {
     if !common::kvm_available("bitmap_vm_answers_like_qemu_without_a_dirty_ring") {
         return;
     }
-    let _turn = one_vm_at_a_time();
+    let _turn = common::one_vm_at_a_time();
     let t0 = Instant::now();
     let mut vm = Vm::start("bitmap", &["--dirty-log", "bitmap"]);
     let mut qmp = vm.client();

@@ -6,7 +6,6 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::sync::{Mutex, MutexGuard};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -15,13 +14,8 @@ use dirtyvm::vmm::{Machine, VmConfig};
 
 const PAGE: u64 = 4096;
 
-/// VMs take turns: the host has two cores, and the thread checks below look at every
-/// `vcpu*` thread of this process.
-static VM_LOCK: Mutex<()> = Mutex::new(());
-
-fn one_vm_at_a_time() -> MutexGuard<'static, ()> {
-    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+// VMs take turns (`common::one_vm_at_a_time`): the host has two cores, and the thread
+// checks below look at every `vcpu*` thread of this process.
 
 fn boot(vcpus: u32, memory: u64, workloads: &[&str]) -> Machine {
     let workloads = workloads
@@ -135,7 +129,7 @@ fn check_ram(machine: &Machine, expected: &[Vec<u8>], in_flight: &[Option<u64>])
 /// Measures a one-vCPU VM running `spec` over ~3 s (after it is running) and checks the
 /// ground-truth write rate is within 10% of `mibps`.
 fn paced_writer_holds(spec: &str, mibps: f64) {
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     let machine = boot(1, 16 << 20, &[spec]);
     wait_for(
         &machine,
@@ -241,7 +235,7 @@ fn random_writer_writes_exactly_its_replayed_order() {
     if !common::kvm_available("random_writer_writes_exactly_its_replayed_order") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     // 4M is 1024 pages (the LCG's period exactly); 3M is 768 pages, so the writer must skip
     // draws at or above the page count.
     let machine = boot(2, 8 << 20, &["random-write:4M", "random-write:3M"]);
@@ -295,7 +289,7 @@ fn sequential_writer_writes_each_page_once_per_pass() {
     if !common::kvm_available("sequential_writer_writes_each_page_once_per_pass") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     // The 257-page writer laps often enough that its bytes wrap past 255.
     let machine = boot(2, 8 << 20, &["write:4M", "write:1028K"]);
     wait_for(&machine, Duration::from_secs(30), "passes", |s| {
@@ -336,7 +330,7 @@ fn shutdown_joins_every_vcpu_thread() {
     if !common::kvm_available("shutdown_joins_every_vcpu_thread") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     // A busy vCPU and a halted (parked) one: both must be woken and joined.
     let machine = boot(2, 8 << 20, &["write:4M"]);
     wait_for(&machine, Duration::from_secs(10), "writer running", |s| {
@@ -362,7 +356,7 @@ fn idle_vcpus_halt_and_do_nothing() {
     if !common::kvm_available("idle_vcpus_halt_and_do_nothing") {
         return;
     }
-    let _vm = one_vm_at_a_time();
+    let _vm = common::one_vm_at_a_time();
     let machine = boot(2, 4 << 20, &[]);
     let hlt = |i: usize| machine.vcpus()[i].exits.hlt.load(Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(10);
