@@ -194,6 +194,8 @@ struct State {
 pub struct Tracker {
     vm: Arc<Vm>,
     log: DirtyLog,
+    /// Entries per ring, in ring mode.
+    ring_entries: Option<u32>,
     /// Whether `KVM_CLEAR_DIRTY_LOG` is in use (bitmap mode with manual protect).
     manual_protect: bool,
     state: Mutex<State>,
@@ -231,6 +233,7 @@ impl Tracker {
         Tracker {
             vm,
             log,
+            ring_entries: rings.first().map(SlotStore::entries),
             manual_protect,
             state: Mutex::new(State {
                 rings: rings
@@ -263,7 +266,7 @@ impl Tracker {
 
     /// Entries per vCPU ring, in ring mode.
     pub fn ring_entries(&self) -> Option<u32> {
-        self.lock().rings.first().map(|r| r.map.entries())
+        self.ring_entries
     }
 
     /// Whether bitmap mode re-arms pages with `KVM_CLEAR_DIRTY_LOG`.
