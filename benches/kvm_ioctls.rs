@@ -22,9 +22,9 @@
 //!   case and a random writer's the expensive one; the entries per call and the time per
 //!   call are printed at the end.
 //!
-//! How: the bench builds its VMs on the `dirtyvm::kvm` layer directly (the built-in guest's
-//! `Layout`, one vCPU on its own thread) rather than with `Machine`, because the ioctls must
-//! be timed alone: the vCPU is kicked out of `KVM_RUN` and parked before each timed call
+//! How: the bench builds its VMs with the VMM's own bring-up (`vmm::create_vm`,
+//! `vmm::create_vcpu`, one `VcpuThread`) rather than a whole `Machine`, because the ioctls
+//! must be timed alone: no reaper, and the vCPU is paused out of `KVM_RUN` before each timed call
 //! (so it neither contends for the kernel's MMU lock nor dirties pages during it), and
 //! harvesting, counting and publishing, which `Tracker::reap` does around the same ioctls,
 //! stay outside the timed region. Setting up each timed call (letting the guest dirty the
@@ -36,19 +36,17 @@
 //! reap costs, and so how often the reaper can afford to run on a 2-core host. Needs
 //! `/dev/kvm`: skipped with a message without it.
 
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dirtyvm::guest::{self, GuestStats, Layout};
-use dirtyvm::kvm::{
-    self, DirtyRingMap, GuestMemory, ImmediateExit, Kvm, Vcpu, VcpuExit, Vm, KICK_SIGNAL,
-};
+use dirtyvm::kvm::{self, DirtyRingMap, GuestMemory, Kvm, Vm};
 use dirtyvm::ring::{Harvester, SlotBounds, SlotStore};
-use dirtyvm::sys;
-use nix::sys::pthread::pthread_kill;
+use dirtyvm::tracking::{DirtyLog, Tracker};
+use dirtyvm::vcpu::{Stop, VcpuControl, VcpuThread};
+use dirtyvm::vmm;
 
 const GIB: u64 = 1 << 30;
 const PAGE_SIZE: u64 = kvm::PAGE_SIZE;
@@ -68,244 +66,88 @@ enum Logging {
     Ring(u32),
 }
 
-/// What the vCPU thread is told and what it tells back.
-#[derive(Default)]
-struct Control {
-    /// The bench wants the vCPU out of `KVM_RUN`.
-    paused: bool,
-    /// The vCPU is parked (paused and outside `KVM_RUN`).
-    parked: bool,
-    /// The bench is done with the vCPU.
-    quit: bool,
-    /// The vCPU thread has returned, with this error if it failed.
-    done: Option<Result<(), String>>,
-}
-
-struct Shared {
-    control: Mutex<Control>,
-    changed: Condvar,
-    exit: ImmediateExit,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Control> {
-        self.control.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// One vCPU on its own thread, running the guest until paused.
-struct Runner {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-fn vcpu_loop(mut vcpu: Vcpu, shared: &Shared) -> Result<(), String> {
-    loop {
-        // Cleared before the pause check: a kick that sets the flag after this point is
-        // seen either by the check or by the KVM_RUN below, which then returns at once.
-        shared.exit.clear();
-        {
-            let mut control = shared.lock();
-            while control.paused && !control.quit {
-                if !control.parked {
-                    control.parked = true;
-                    shared.changed.notify_all();
-                }
-                control = shared
-                    .changed
-                    .wait(control)
-                    .unwrap_or_else(|e| e.into_inner());
-            }
-            control.parked = false;
-            if control.quit {
-                return Ok(());
-            }
-        }
-        match vcpu.run() {
-            Ok(VcpuExit::Interrupted) => {}
-            Ok(exit) => return Err(format!("unexpected vCPU exit {exit:?}")),
-            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
-        }
-    }
-}
-
-impl Runner {
-    /// Starts `vcpu` paused.
-    fn spawn(vcpu: Vcpu) -> Runner {
-        let shared = Arc::new(Shared {
-            control: Mutex::new(Control {
-                paused: true,
-                ..Control::default()
-            }),
-            changed: Condvar::new(),
-            exit: vcpu.immediate_exit(),
-        });
-        let thread_shared = shared.clone();
-        let thread = thread::Builder::new()
-            .name("bench-vcpu".into())
-            .spawn(move || {
-                let result = vcpu_loop(vcpu, &thread_shared);
-                thread_shared.lock().done = Some(result);
-                thread_shared.changed.notify_all();
-            })
-            .expect("spawning the vCPU thread");
-        Runner {
-            shared,
-            thread: Some(thread),
-        }
-    }
-
-    fn resume(&self) {
-        self.shared.lock().paused = false;
-        self.shared.changed.notify_all();
-    }
-
-    /// Kicks the vCPU out of `KVM_RUN` and returns once it is parked.
-    ///
-    /// # Panics
-    /// If the vCPU thread failed.
-    fn pause(&self) {
-        self.shared.lock().paused = true;
-        self.kick_until(|c| c.parked);
-    }
-
-    fn kick_until(&self, done: impl Fn(&Control) -> bool) {
-        // Release-store of the flag (ImmediateExit::set) before the signal: closes the race
-        // with a vCPU that is about to enter KVM_RUN.
-        self.shared.exit.set();
-        let thread = self.thread.as_ref().expect("running").as_pthread_t();
-        let mut control = self.shared.lock();
-        loop {
-            if done(&control) {
-                return;
-            }
-            match &control.done {
-                Some(Err(e)) => panic!("the bench vCPU failed: {e}"),
-                Some(Ok(())) => return,
-                None => {}
-            }
-            // The thread has not returned (done is None), so its pthread_t is valid.
-            pthread_kill(thread, KICK_SIGNAL).expect("kicking the vCPU thread");
-            control = self
-                .shared
-                .changed
-                .wait_timeout(control, Duration::from_millis(1))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        self.shared.lock().quit = true;
-        self.shared.changed.notify_all();
-        self.shared.exit.set();
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        let mut control = self.shared.lock();
-        while control.done.is_none() {
-            // Not returned yet, so its pthread_t is valid.
-            let _ = pthread_kill(thread.as_pthread_t(), KICK_SIGNAL);
-            control = self
-                .shared
-                .changed
-                .wait_timeout(control, Duration::from_millis(1))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        drop(control);
-        let _ = thread.join();
-    }
-}
-
 /// A one-vCPU VM with the built-in guest running `workload` over `memory` bytes of
 /// dirty-logged RAM, driven directly through the kvm layer.
 struct BenchVm {
-    // Dropped first: the vCPU thread stops before the ring and the VM go away.
-    runner: Runner,
+    vcpu: Option<VcpuThread>,
     ring: Option<DirtyRingMap>,
     harvester: Harvester,
     bounds: SlotBounds,
     system: GuestMemory,
-    vm: Vm,
+    vm: Arc<Vm>,
+}
+
+impl Drop for BenchVm {
+    fn drop(&mut self) {
+        // The vCPU thread stops before the ring and the VM go away.
+        if let Some(vcpu) = self.vcpu.take() {
+            vcpu.stop_and_join();
+        }
+    }
 }
 
 impl BenchVm {
     fn boot(kvm: &Kvm, memory: u64, workload: &str, logging: Logging) -> Result<BenchVm, String> {
         let workload = workload.parse().map_err(|e| format!("{e}"))?;
         let layout = Layout::new(1, memory, &[workload]).map_err(|e| e.to_string())?;
-        let io = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
-        let mut vm = kvm.create_vm().map_err(io("KVM_CREATE_VM"))?;
-        let ring_entries = match logging {
-            Logging::Bitmap => {
-                if vm.check_extension(sys::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) <= 0 {
-                    return Err("this host's KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2".into());
-                }
-                vm.enable_manual_dirty_log_protect()
-                    .map_err(io("enabling manual dirty-log protect"))?;
-                None
-            }
-            Logging::Ring(entries) => {
-                let (cap, max) = vm
-                    .dirty_ring_capability()
-                    .ok_or("this host's KVM has no dirty ring")?;
-                let entries = entries.min(max);
-                vm.enable_dirty_ring(cap, entries)
-                    .map_err(io("enabling dirty rings"))?;
-                Some(entries)
-            }
+        let (log, entries) = match logging {
+            Logging::Bitmap => (DirtyLog::Bitmap, None),
+            Logging::Ring(entries) => (DirtyLog::Ring, Some(entries)),
         };
-        vm.set_tss_addr(guest::TSS_ADDR)
-            .map_err(io("KVM_SET_TSS_ADDR"))?;
-        vm.set_identity_map_addr(guest::IDENTITY_MAP_ADDR)
-            .map_err(io("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        let (vm, ring_entries) =
+            vmm::create_vm(kvm, &layout, log, entries).map_err(|e| e.to_string())?;
+        if log == DirtyLog::Bitmap && !vm.manual_dirty_log_protect() {
+            return Err("this host's KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2".into());
+        }
         let system = vm
-            .add_memory_slot(
-                guest::SYSTEM_SLOT,
-                0,
-                guest::SYSTEM_SIZE as usize,
-                sys::MemoryRegionFlags::empty(),
-            )
-            .map_err(io("adding the system slot"))?
+            .slot(guest::SYSTEM_SLOT)
+            .expect("system slot")
             .memory
             .clone();
-        layout.write_system(&system);
-        vm.add_memory_slot(
-            guest::RAM_SLOT,
-            guest::RAM_BASE,
-            memory as usize,
-            sys::MemoryRegionFlags::LOG_DIRTY_PAGES,
-        )
-        .map_err(io("adding the RAM slot"))?;
         kvm::install_kick_handler().map_err(|e| format!("installing the kick handler: {e}"))?;
         let cpuid = kvm
             .supported_cpuid()
-            .map_err(io("KVM_GET_SUPPORTED_CPUID"))?;
-        let vcpu = vm.create_vcpu(0).map_err(io("KVM_CREATE_VCPU"))?;
-        vcpu.set_cpuid(&cpuid).map_err(io("KVM_SET_CPUID2"))?;
-        let sregs = vcpu.sregs().map_err(io("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&layout.sregs(sregs))
-            .map_err(io("KVM_SET_SREGS"))?;
-        let tsc_khz = vcpu.tsc_khz().map_err(io("KVM_GET_TSC_KHZ"))?;
-        vcpu.set_regs(&layout.regs(0, tsc_khz))
-            .map_err(io("KVM_SET_REGS"))?;
-        let ring = match ring_entries {
-            Some(entries) => Some(
-                vcpu.map_dirty_ring(entries)
-                    .map_err(io("mapping the dirty ring"))?,
-            ),
-            None => None,
-        };
-        Ok(BenchVm {
-            runner: Runner::spawn(vcpu),
+            .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
+        let (vcpu, _) = vmm::create_vcpu(&vm, &layout, &cpuid, 0, |khz| layout.regs(0, khz))
+            .map_err(|e| e.to_string())?;
+        let ring = ring_entries
+            .map(|entries| vcpu.map_dirty_ring(entries))
+            .transpose()
+            .map_err(|e| format!("mapping the dirty ring: {e}"))?;
+        let vm = Arc::new(vm);
+        // No tracking behind the vCPU: the bench harvests and resets by hand, and a writer
+        // this short never fills a 65536-entry ring.
+        let tracker = Arc::new(Tracker::new(vm.clone(), DirtyLog::None, Vec::new(), 1));
+        let vcpu = VcpuThread::spawn(vcpu, tracker, Arc::new(Stop::default()))
+            .map_err(|e| format!("spawning the vCPU thread: {e}"))?;
+        let bench = BenchVm {
+            vcpu: Some(vcpu),
             ring,
             harvester: Harvester::new(),
             bounds: SlotBounds::new([(guest::RAM_SLOT, memory / PAGE_SIZE)]),
             system,
             vm,
-        })
+        };
+        bench.pause();
+        Ok(bench)
+    }
+
+    fn control(&self) -> &VcpuControl {
+        self.vcpu.as_ref().expect("running").control()
+    }
+
+    /// Pauses the vCPU and returns once it is outside `KVM_RUN`.
+    fn pause(&self) {
+        let control = self.control();
+        control.set_paused(true);
+        let start = Instant::now();
+        while control.in_guest() {
+            assert!(
+                start.elapsed() < STALL,
+                "the bench vCPU did not leave KVM_RUN"
+            );
+            thread::yield_now();
+        }
     }
 
     fn pages_written(&self) -> u64 {
@@ -316,7 +158,7 @@ impl BenchVm {
     /// Spins (with yields) rather than sleeps, so that small counts are not overshot much.
     fn run_for(&self, pages: u64) {
         let start = self.pages_written();
-        self.runner.resume();
+        self.control().set_paused(false);
         let (mut last, mut progress) = (start, Instant::now());
         loop {
             let now = self.pages_written();
@@ -330,7 +172,7 @@ impl BenchVm {
             }
             thread::yield_now();
         }
-        self.runner.pause();
+        self.pause();
     }
 
     /// Lets the guest dirty `pages` pages, harvests them (untimed), then times

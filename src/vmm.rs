@@ -148,8 +148,10 @@ fn ring_capability(vm: &Vm, entries: Option<u32>) -> Result<(u32, u32), VmmError
 }
 
 /// Creates a VM with the system slot laid out for `layout` and guest RAM logged as `log`
-/// says. Ring mode enables the rings here, before any vCPU exists, as the kernel requires.
-fn create_vm(
+/// says; returns it with the ring size in ring mode. Ring mode enables the rings here, before
+/// any vCPU exists, as the kernel requires. [`Machine::boot`] uses it; so do benches that
+/// time the kernel's ioctls alone.
+pub fn create_vm(
     kvm: &Kvm,
     layout: &Layout,
     log: DirtyLog,
@@ -216,7 +218,7 @@ fn create_vm(
 
 /// Creates vCPU `id` in flat long mode with `regs` (given the guest TSC frequency in kHz);
 /// returns it with that frequency.
-fn create_vcpu(
+pub fn create_vcpu(
     vm: &Vm,
     layout: &Layout,
     cpuid: &sys::CpuidBuf<{ kvm::CPUID_ENTRIES }>,
