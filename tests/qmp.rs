@@ -1187,14 +1187,7 @@ fn quit(qmp: &mut Qmp, vm: &mut Vm) {
     assert_eq!(data, json!({"guest": false, "reason": "host-qmp-quit"}));
     assert_eq!(qmp.line(), None, "the connection stays open after quit");
 
-    let exited = vm.exit(EXIT_TIMEOUT);
-    assert_eq!(exited.status.code(), Some(0), "{}", exited.describe());
-    assert!(
-        exited.stdout.contains("quit requested"),
-        "{}",
-        exited.describe()
-    );
-    assert_no_panic(&exited);
+    exits_cleanly(vm, "quit requested");
     assert!(
         !vm.socket.exists(),
         "the socket {} is left behind",
@@ -1206,6 +1199,14 @@ fn assert_no_panic(exited: &Exited) {
     for text in [&exited.stdout, &exited.stderr] {
         assert!(!text.contains("panicked"), "{}", exited.describe());
     }
+}
+
+/// Waits for `vm` to exit and checks it exited 0, saying why (`reason`), without a panic.
+fn exits_cleanly(vm: &mut Vm, reason: &str) {
+    let exited = vm.exit(EXIT_TIMEOUT);
+    assert_eq!(exited.status.code(), Some(0), "{}", exited.describe());
+    assert!(exited.stdout.contains(reason), "{}", exited.describe());
+    assert_no_panic(&exited);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1266,14 +1267,7 @@ fn qemu_style_python_session_runs_unchanged() {
             session.describe()
         );
     }
-    let exited = vm.exit(EXIT_TIMEOUT);
-    assert_eq!(exited.status.code(), Some(0), "{}", exited.describe());
-    assert!(
-        exited.stdout.contains("quit requested"),
-        "{}",
-        exited.describe()
-    );
-    assert_no_panic(&exited);
+    exits_cleanly(&mut vm, "quit requested");
     eprintln!(
         "  python session and exit: {} ms\n{}",
         t0.elapsed().as_millis(),
@@ -1334,13 +1328,6 @@ fn bitmap_vm_answers_like_qemu_without_a_dirty_ring() {
     let data = check_event(&qmp.message(), "SHUTDOWN");
     assert_eq!(data, json!({"guest": false, "reason": "host-signal"}));
     assert_eq!(qmp.line(), None, "the connection stays open after SHUTDOWN");
-    let exited = vm.exit(EXIT_TIMEOUT);
-    assert_eq!(exited.status.code(), Some(0), "{}", exited.describe());
-    assert!(
-        exited.stdout.contains("SIGTERM received"),
-        "{}",
-        exited.describe()
-    );
-    assert_no_panic(&exited);
+    exits_cleanly(&mut vm, "SIGTERM received");
     eprintln!("  bitmap VM: {} ms", t0.elapsed().as_millis());
 }
