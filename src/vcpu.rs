@@ -109,10 +109,8 @@ pub struct VcpuControl {
     pub exits: ExitCounters,
     /// The dirty-limit or throttle penalty to serve, published by the controller.
     pub penalty: PenaltySlot,
-    /// Penalty time served, ns (completed sleeps).
-    penalty_ns: AtomicU64,
-    /// When the current penalty sleep began ([`monotonic_ns`]), 0 when not asleep.
-    asleep_since_ns: AtomicU64,
+    /// Penalty time served.
+    served: PenaltyTime,
     /// When `KVM_RUN` last returned ([`monotonic_ns`]).
     last_exit_ns: AtomicU64,
     /// Paused by the VMM (QMP `stop`): the thread waits outside `KVM_RUN`.
@@ -138,6 +136,15 @@ impl VcpuControl {
         }
     }
 
+    /// Wakes the vCPU thread if it sleeps outside `KVM_RUN` (a penalty, a pause, a halt), so
+    /// it looks at its requests again; a vCPU in the guest is not disturbed.
+    pub fn wake(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, handle)) = thread.as_ref() {
+            handle.unpark();
+        }
+    }
+
     /// Asks the vCPU thread to leave its run loop.
     pub fn request_stop(&self) {
         // Release: pairs with the Acquire load at the top of the run loop.
@@ -158,16 +165,10 @@ impl VcpuControl {
         self.exits.all.load(Ordering::Acquire)
     }
 
-    /// Penalty time served up to `now_ns`, including a sleep in progress.
+    /// Penalty time served up to `now_ns`, including a sleep in progress; never less than
+    /// any earlier answer.
     pub fn penalty_ns(&self, now_ns: u64) -> u64 {
-        // Relaxed: statistics; the two loads may be a sleep apart, which the max absorbs.
-        let done = self.penalty_ns.load(Ordering::Relaxed);
-        let since = self.asleep_since_ns.load(Ordering::Relaxed);
-        done + if since == 0 {
-            0
-        } else {
-            now_ns.saturating_sub(since)
-        }
+        self.served.up_to(now_ns)
     }
 
     /// When `KVM_RUN` last returned, on the [`monotonic_ns`] clock.
@@ -208,8 +209,7 @@ impl VcpuControl {
         if until <= start {
             return;
         }
-        // Relaxed: statistics read by the controller, no data published with it.
-        self.asleep_since_ns.store(start, Ordering::Relaxed);
+        self.served.begin(start);
         loop {
             let now = monotonic_ns();
             let until = self.penalty.until();
@@ -218,14 +218,65 @@ impl VcpuControl {
             }
             thread::park_timeout(Duration::from_nanos(until - now));
         }
-        let end = monotonic_ns();
-        self.penalty_ns.fetch_add(end - start, Ordering::Relaxed);
-        self.asleep_since_ns.store(0, Ordering::Relaxed);
+        self.served.end(start, monotonic_ns());
     }
 
     fn stop_requested(&self) -> bool {
         // Acquire: pairs with the Release store in `request_stop`.
         self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// The time a vCPU has spent serving penalties: completed sleeps, plus the one in progress.
+///
+/// The vCPU thread writes it and other threads read it without a lock, with their own clock
+/// readings: a reader whose clock ran ahead of the vCPU's end of sleep counts a little more
+/// than the sleep will have lasted, and a computed total could then go backwards (and a
+/// controller subtracting two readings would underflow). Every answer is therefore raised to
+/// the highest answer given so far: the total never decreases, by construction. The store
+/// order below keeps a reader from counting a finished sleep twice.
+#[derive(Debug, Default)]
+struct PenaltyTime {
+    /// Completed sleeps, ns.
+    done_ns: AtomicU64,
+    /// When the sleep in progress began ([`monotonic_ns`]); 0 when awake.
+    asleep_since_ns: AtomicU64,
+    /// The highest total any reader was given, ns.
+    reported_ns: AtomicU64,
+}
+
+impl PenaltyTime {
+    /// A sleep begins at `start_ns`.
+    fn begin(&self, start_ns: u64) {
+        // Relaxed: a reader that sees it late counts less, which `up_to` absorbs.
+        self.asleep_since_ns.store(start_ns, Ordering::Relaxed);
+    }
+
+    /// The sleep that began at `start_ns` ended at `end_ns`.
+    fn end(&self, start_ns: u64, end_ns: u64) {
+        // The start is cleared before the total grows: a reader that sees the new total
+        // (Release here, Acquire in `up_to`) also sees the cleared start, and never adds the
+        // finished sleep twice.
+        self.asleep_since_ns.store(0, Ordering::Relaxed);
+        self.done_ns
+            .fetch_add(end_ns.saturating_sub(start_ns), Ordering::Release);
+    }
+
+    /// Total served up to `now_ns`, never less than an earlier answer.
+    fn up_to(&self, now_ns: u64) -> u64 {
+        // Acquire: pairs with the Release in `end`.
+        let done = self.done_ns.load(Ordering::Acquire);
+        // Relaxed: ordered after the Acquire load above.
+        let since = self.asleep_since_ns.load(Ordering::Relaxed);
+        let total = done
+            + match since {
+                0 => 0,
+                since => now_ns.saturating_sub(since),
+            };
+        // Relaxed: the answers are ordered by this read-modify-write alone.
+        self.reported_ns
+            .fetch_max(total, Ordering::Relaxed)
+            .max(total)
     }
 }
 
@@ -248,8 +299,7 @@ impl VcpuThread {
             in_guest: AtomicBool::new(false),
             exits: ExitCounters::default(),
             penalty: PenaltySlot::default(),
-            penalty_ns: AtomicU64::new(0),
-            asleep_since_ns: AtomicU64::new(0),
+            served: PenaltyTime::default(),
             last_exit_ns: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             tid: AtomicI64::new(0),
@@ -372,5 +422,25 @@ pub fn kick_and_wait(vcpus: &[Arc<VcpuControl>]) {
         while v.in_guest() && v.exits_taken() == before && Instant::now() < deadline {
             thread::sleep(Duration::from_micros(50));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PenaltyTime;
+
+    #[test]
+    fn penalty_time_never_goes_backwards() {
+        let time = PenaltyTime::default();
+        time.begin(1_000);
+        // A reader whose clock runs ahead of the vCPU's: 500 ns served so far.
+        assert_eq!(time.up_to(1_500), 500);
+        // The vCPU ends its sleep at 1_400 by its own clock, after the read above.
+        time.end(1_000, 1_400);
+        assert_eq!(time.up_to(1_500), 500, "the total went backwards");
+        time.begin(2_000);
+        assert_eq!(time.up_to(2_200), 600);
+        time.end(2_000, 2_300);
+        assert_eq!(time.up_to(9_999), 700);
     }
 }

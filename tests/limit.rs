@@ -192,3 +192,46 @@ fn limits_are_refused_with_reasons() {
     assert_eq!(limiter.set_auto_converge(5.0), Err(LimitError::Conflict));
     ring.shutdown().unwrap();
 }
+
+/// The lowest limits hold a full-speed writer without ever freezing it: the quota
+/// controller keeps it at 1 MiB/s in every second, and the reference algorithm, which
+/// oscillates at such a limit, never keeps it asleep for a whole second twice in a row (a
+/// throttle of 99 × T, 42 s with these rings, once did, on a throttle it no longer had).
+#[test]
+fn the_lowest_limits_never_freeze_the_writer() {
+    if !common::kvm_available("the_lowest_limits_never_freeze_the_writer") {
+        return;
+    }
+    let (machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
+    let seconds = |n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|_| rates(&machine, Duration::from_secs(1))[0].0)
+            .collect()
+    };
+
+    machine
+        .limiter()
+        .set_limit(None, 1.0, Some(LimitAlgo::Quota))
+        .unwrap();
+    let quota = seconds(6);
+    machine.limiter().cancel(None).unwrap();
+
+    machine
+        .limiter()
+        .set_limit(None, 2.0, Some(LimitAlgo::Reference))
+        .unwrap();
+    let reference = seconds(6);
+    machine.shutdown().unwrap();
+
+    // The first second pays for the burst before the controller knew the writer's rate.
+    for (i, &rate) in quota.iter().enumerate().skip(2) {
+        assert!(
+            (0.8..=1.2).contains(&rate),
+            "quota, 1 MiB/s: second {i} at {rate:.2} MiB/s ({quota:.2?})"
+        );
+    }
+    assert!(
+        reference.windows(2).all(|w| w[0] + w[1] > 0.0),
+        "reference, 2 MiB/s: the writer stood still for two seconds in a row ({reference:.1?})"
+    );
+}

@@ -28,6 +28,11 @@ const SERIES_EVERY: Duration = Duration::from_millis(250);
 const PAGES_PER_MIB: f64 = 256.0;
 /// Starting guess of the kick-to-exit latency, seconds (measured here at about 0.1 ms).
 const INITIAL_LATENCY: f64 = 0.0002;
+/// The longest latency sample believed: 5-10 ms is what a vCPU waits for a busy core here.
+const MAX_LATENCY: f64 = 0.02;
+/// The longest penalty imposed at once, seconds: what any sane limit needs many times over,
+/// and a bound on what an absurd one can do.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
 
 /// Why a limit or throttle request was refused. Texts follow QEMU where QEMU has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +166,7 @@ struct VcpuState {
     next_check: Instant,
     /// Kick-to-exit latency estimate, seconds.
     latency: f64,
-    /// When the controller last kicked it, and its exit count then.
+    /// When the controller last kicked it while it was in the guest, and its exit count then.
     kicked: Option<(u64, u64)>,
     series_slept_ns: u64,
 }
@@ -484,6 +489,16 @@ impl DirtyLimiter {
     }
 }
 
+/// Seconds a strategy asked for as a duration of at most [`MAX_SLEEP`]; NaN and negative
+/// numbers are no time at all. No number a strategy computes can panic the controller.
+fn seconds_to_duration(seconds: f64) -> Duration {
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(duration) => duration.min(MAX_SLEEP),
+        Err(_) if seconds > 0.0 => MAX_SLEEP,
+        Err(_) => Duration::ZERO,
+    }
+}
+
 /// Rate over the samples in the trailing window, MiB/s.
 fn trailing_rate(history: &VecDeque<Sample>) -> f64 {
     match (history.front(), history.back()) {
@@ -580,7 +595,7 @@ fn control_round(shared: &Shared, state: &mut State) {
         if let Some((kicked_ns, exits)) = v.kicked {
             if control.exits_taken() != exits {
                 let seconds = control.last_exit_ns().saturating_sub(kicked_ns) as f64 / 1e9;
-                v.latency += 0.2 * (seconds.min(0.05) - v.latency);
+                v.latency += 0.2 * (seconds.min(MAX_LATENCY) - v.latency);
                 v.kicked = None;
             }
         }
@@ -602,15 +617,35 @@ fn control_round(shared: &Shared, state: &mut State) {
         };
         match decision {
             Decision::Sleep(seconds) => {
-                let sleep = Duration::from_secs_f64(seconds);
+                let sleep = seconds_to_duration(seconds);
                 v.asleep_until = Some(now + sleep);
-                v.next_check = now + sleep;
+                // Strategies may re-time a sleep while it runs (`Decision::Resleep`).
+                v.next_check = now + sleep.min(Duration::from_secs_f64(MAX_RECHECK));
                 control.penalty.impose(now_ns + sleep.as_nanos() as u64);
-                v.kicked = Some((monotonic_ns(), control.exits_taken()));
+                // Only a kick that finds the vCPU in the guest measures how long it takes to
+                // leave it; one that finds it asleep would measure the sleep.
+                v.kicked = control
+                    .in_guest()
+                    .then(|| (monotonic_ns(), control.exits_taken()));
                 control.kick();
             }
+            Decision::Resleep { left, recheck_in } => {
+                let left = seconds_to_duration(left);
+                if let Some(until) = v.asleep_until.filter(|&until| until != now + left) {
+                    v.asleep_until = Some(now + left);
+                    control.penalty.impose(now_ns + left.as_nanos() as u64);
+                    if now + left < until {
+                        // A later deadline needs no wakeup: the vCPU re-reads it when it
+                        // wakes for the old one.
+                        control.wake();
+                    }
+                }
+                v.next_check =
+                    now + seconds_to_duration(recheck_in).max(Duration::from_micros(100));
+            }
             Decision::Run { recheck_in } => {
-                v.next_check = now + Duration::from_secs_f64(recheck_in.max(0.0001));
+                v.next_check =
+                    now + seconds_to_duration(recheck_in).max(Duration::from_micros(100));
             }
         }
     }

@@ -58,6 +58,9 @@ pub struct Usage {
 pub enum Decision {
     /// Stop it and let it sleep this long, seconds.
     Sleep(f64),
+    /// Let the sleep it is serving end `left` seconds from now (0: at once), sooner or later
+    /// than planned; look again in `recheck_in` seconds.
+    Resleep { left: f64, recheck_in: f64 },
     /// Let it run; look again in this many seconds.
     Run { recheck_in: f64 },
 }

@@ -8,6 +8,22 @@
 //! penalty through its own kicks: after every `T` µs the vCPU has run, it sleeps
 //! `throttle_us_per_full` µs. That is the reference's own model, `q = c × T / (T + throttle)`,
 //! so the comparison is between the algorithms, not between delivery mechanisms.
+//!
+//! Two departures keep a vCPU from being held asleep on a throttle it no longer has, which
+//! QEMU 8.2's code does with large rings (`dirtylimit_adjust_throttle`):
+//!
+//! - QEMU checks the tolerance band (`dirtylimit_done`) before the rule "a vCPU that dirtied
+//!   nothing gets throttle 0" (`dirtylimit_set_throttle`), so under a quota of 25 MB/s or less
+//!   a vCPU that slept a whole period is "within tolerance" and keeps a throttle of up to
+//!   `99 × T`: 42 s of sleep per fill with 65536-entry rings, again and again. Here a period
+//!   with nothing dirtied resets the throttle whatever the quota, as the design describes the
+//!   algorithm (docs/reference-controller.md).
+//! - QEMU's sleep is uninterruptible, so a reset throttle takes effect only after the sleep in
+//!   progress. dirtyvm's sleeps are interruptible, and the throttle is re-evaluated every
+//!   period whether the vCPU runs or sleeps: a sleep in progress ends at most the new
+//!   throttle after the re-evaluation.
+//!
+//! The algorithm then oscillates, as its model says it should, instead of freezing.
 
 use super::{Decision, DutyCycle, Usage};
 
@@ -47,13 +63,14 @@ impl Shared {
     }
 }
 
-/// `dirtylimit_set_throttle` after `dirtylimit_done`: the new sleep per ring-full, µs.
+/// `dirtylimit_set_throttle` after `dirtylimit_done`: the new sleep per ring-full, µs. A vCPU
+/// that dirtied nothing gets 0 before the tolerance band is looked at (see the module docs).
 pub fn adjust_throttle(shared: &mut Shared, throttle_us: i64, quota: u64, current: u64) -> i64 {
-    if quota.abs_diff(current) <= TOLERANCE {
-        return throttle_us;
-    }
     if current == 0 {
         return 0;
+    }
+    if quota.abs_diff(current) <= TOLERANCE {
+        return throttle_us;
     }
     let t = shared.ring_full_time_us(current) as i64;
     let (min, max) = (quota.min(current), quota.max(current));
@@ -103,12 +120,14 @@ impl Reference {
         self.throttle_us
     }
 
-    /// Folds in usage since the last step and decides. Every `PERIOD` it measures the rate
-    /// as QEMU does (`((pages × 1000 × 4096) >> 20) / elapsed_ms`) and adjusts the throttle.
+    /// Folds in usage since the last step and decides. Every `PERIOD`, asleep or not, it
+    /// measures the rate as QEMU does (`((pages × 1000 × 4096) >> 20) / elapsed_ms`) and
+    /// adjusts the throttle; a sleep in progress then ends at most the new throttle later.
     pub fn step(&mut self, shared: &mut Shared, usage: Usage, asleep_for: f64) -> Decision {
         self.period_dirtied += usage.dirtied;
         self.period_elapsed += usage.elapsed;
-        if self.period_elapsed >= PERIOD {
+        let adjusted = self.period_elapsed >= PERIOD;
+        if adjusted {
             let elapsed_ms = (self.period_elapsed * 1000.0) as u64;
             let current = ((self.period_dirtied as u64 * 1000 * 4096) >> 20) / elapsed_ms.max(1);
             self.throttle_us = adjust_throttle(shared, self.throttle_us, self.quota, current);
@@ -116,9 +135,28 @@ impl Reference {
             self.period_dirtied = 0.0;
             self.period_elapsed = 0.0;
         }
+        let throttle = self.throttle_us as f64 / 1e6;
+        let period_left = PERIOD - self.period_elapsed;
+        if asleep_for > 0.0 {
+            // Still asleep: the duty cycle waits for it, but the period does not.
+            self.duty.step(0.0, 0.0, usage, asleep_for);
+            let left = if adjusted {
+                asleep_for.min(throttle)
+            } else {
+                asleep_for
+            };
+            return Decision::Resleep {
+                left,
+                recheck_in: left.min(period_left),
+            };
+        }
         let t = self.ring_full_time_us as f64 / 1e6;
-        self.duty
-            .step(t, self.throttle_us as f64 / 1e6, usage, asleep_for)
+        match self.duty.step(t, throttle, usage, 0.0) {
+            Decision::Run { recheck_in } => Decision::Run {
+                recheck_in: recheck_in.min(period_left),
+            },
+            decision => decision,
+        }
     }
 }
 
@@ -162,6 +200,45 @@ mod tests {
         // Fewer than 256 entries is under 1 MiB: integer MiB 0, T = 0.
         let mut shared = Shared::new(128);
         assert_eq!(shared.ring_full_time_us(500), 0);
+    }
+
+    #[test]
+    fn a_sleeping_vcpu_is_re_evaluated_every_period() {
+        // A throttle of 99 × T (here 1.58 s) put the vCPU to sleep; a period later it has
+        // dirtied nothing, so its throttle is 0, and the sleep ends at once instead of
+        // running to its end (QEMU's uninterruptible sleep would).
+        let mut shared = Shared::new(4096);
+        let mut vcpu = Reference::new(10);
+        let burst = Usage {
+            elapsed: 1.0,
+            ran: 1.0,
+            dirtied: 256_000.0,
+        };
+        let Decision::Sleep(sleep) = vcpu.step(&mut shared, burst, 0.0) else {
+            panic!("a vCPU 100 times over its limit is not put to sleep");
+        };
+        assert!(sleep > 1.0, "{sleep}");
+        // Asleep: looked at again when the period ends, not when the sleep does.
+        let half = Usage {
+            elapsed: 0.5,
+            ran: 0.0,
+            dirtied: 0.0,
+        };
+        assert_eq!(
+            vcpu.step(&mut shared, half, sleep - 0.5),
+            Decision::Resleep {
+                left: sleep - 0.5,
+                recheck_in: 0.5
+            }
+        );
+        assert_eq!(
+            vcpu.step(&mut shared, half, sleep - 1.0),
+            Decision::Resleep {
+                left: 0.0,
+                recheck_in: 0.0
+            }
+        );
+        assert_eq!(vcpu.throttle_us(), 0);
     }
 
     #[test]
