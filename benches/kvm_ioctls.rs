@@ -49,7 +49,7 @@ use dirtyvm::vcpu::{Stop, VcpuControl, VcpuThread};
 use dirtyvm::vmm;
 
 const GIB: u64 = 1 << 30;
-const PAGE_SIZE: u64 = kvm::PAGE_SIZE;
+const PAGE_SIZE: u64 = dirtyvm::units::PAGE_SIZE;
 /// The largest ring this host allows (HOST-NOTES); smaller if the host's is.
 const RING_ENTRIES: u32 = 65536;
 /// Entries per timed reset.

@@ -22,8 +22,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dirtyvm::kvm::{GuestMemory, PAGE_SIZE};
+use dirtyvm::kvm::GuestMemory;
 use dirtyvm::rate::hash_page;
+use dirtyvm::units::PAGE_SIZE;
 
 /// The cold region: 64Ki pages.
 const COLD_BYTES: usize = 256 << 20;

@@ -37,7 +37,6 @@
 //! virtualization the same bench shows the fault's full cost. Needs `/dev/kvm`: skipped with
 //! a message without it.
 
-use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -151,7 +150,7 @@ fn boot(setup: &Setup) -> Result<Machine, String> {
 /// Adds what `machine`'s tracking did to `outcome`, and shuts it down.
 fn finish(machine: Machine, setup: &Setup, outcome: &mut Outcome) {
     let tracker = machine.tracker();
-    outcome.ring_full_exits += tracker.vcpu(0).ring_full_exits.load(Ordering::Relaxed);
+    outcome.ring_full_exits += tracker.vcpu(0).snapshot().ring_full_exits;
     outcome.wedged_rings += tracker.wedged_rings();
     outcome.reaps += machine.reaper().map_or(0, |r| r.stats().reaps);
     if let Err(e) = machine.shutdown() {

@@ -3,8 +3,6 @@
 //! while the reader keeps its speed; auto-converge for comparison, and what it costs the
 //! reader; the tracker's and reaper's statistics; a table and a picture.
 
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -15,9 +13,9 @@ use crate::limit::LimitAlgo;
 use crate::plot::{Chart, Panel, Phase, Series};
 use crate::rate::{Measurement, RateMode, RateRequest};
 use crate::reaper::ReaperStats;
-use crate::report::pages_to_mibps;
 use crate::scenario::boot_warm;
 use crate::tracking::DirtyLog;
+use crate::units::pages_to_mibps;
 use crate::vmm::{Machine, VmConfig, VmmError};
 
 /// What the demo runs.
@@ -33,8 +31,6 @@ pub struct DemoOptions {
     pub limit_mibps: f64,
     /// Seconds under the dirty limit, and under auto-converge.
     pub phase_secs: u64,
-    /// Where to write the picture.
-    pub plot: PathBuf,
 }
 
 /// One sample of the demo's timeline.
@@ -93,7 +89,7 @@ const WINDOW: usize = 10;
 impl Recorder {
     fn sample(&mut self, machine: &Machine) {
         let t = self.start.elapsed().as_secs_f64();
-        let harvested = machine.tracker().vcpu(0).harvested.load(Ordering::Relaxed);
+        let harvested = machine.tracker().vcpu(0).snapshot().harvested;
         self.samples.push((t, machine.guest_stats(), harvested));
         let n = self.samples.len();
         if n <= WINDOW {
@@ -128,7 +124,7 @@ impl Recorder {
                         (None, Some(pct)) => format!("throttle {pct:>2}%"),
                         (None, None) => "no control".to_string(),
                     };
-                    println!(
+                    say!(
                         "  {:>5.1}s  {phase:<14} {control:<16} writer {:>7.1} MiB/s (harvested {:>7.1})   reader {:>7.1} MiB/s",
                         p.t_s, p.writer_mibps, p.harvested_mibps, p.reader_mibps
                     );
@@ -167,22 +163,20 @@ fn measured(machine: &Machine) -> Option<Measurement> {
     machine.rate_meter().wait(Duration::from_secs(10)).last
 }
 
-fn print_measurement(m: &Measurement) {
-    println!(
-        "  {:<14} measured {:>7.1} MiB/s   truth {:>7.1} MiB/s   error {:+.2}%",
-        m.mode.name(),
-        m.rate_mibps,
-        m.truth_mibps,
-        if m.truth_mibps > 0.0 {
-            (m.rate_mibps - m.truth_mibps) / m.truth_mibps * 100.0
-        } else {
-            0.0
-        }
-    );
+/// Fails if a vCPU or a VMM thread of `machine` failed: the demo's numbers would be a dead
+/// guest's.
+fn still_running(machine: &Machine) -> Result<(), VmmError> {
+    match machine.stop().reason() {
+        Some(reason) => Err(VmmError::Io {
+            what: "the demo's guest".into(),
+            error: std::io::Error::other(reason.to_string()),
+        }),
+        None => Ok(()),
+    }
 }
 
-/// Runs the demo, printing as it goes.
-pub fn run(options: &DemoOptions) -> Result<DemoSummary, VmmError> {
+/// Runs the demo, printing as it goes; returns what it found and its picture (SVG).
+pub fn run(options: &DemoOptions) -> Result<(DemoSummary, String), VmmError> {
     let workloads = vec![
         Workload::Write {
             bytes: options.writer,
@@ -193,37 +187,39 @@ pub fn run(options: &DemoOptions) -> Result<DemoSummary, VmmError> {
         },
     ];
     let config = VmConfig::new(2, options.memory, workloads.clone()).with_dirty_log(DirtyLog::Ring);
-    println!(
+    say!(
         "dirtyvm demo: vCPU 0 writes {}, vCPU 1 reads {}, in a {} guest with per-vCPU dirty rings",
         Size(options.writer),
         Size(options.reader),
         Size(options.memory)
     );
     let machine = boot_warm(&config)?;
+    still_running(&machine)?;
     let mut rec = Recorder {
         start: Instant::now(),
         samples: Vec::new(),
         points: Vec::new(),
     };
 
-    println!("\n1. Measuring the writer's dirty rate (1 s windows), beside the guest's own count:");
+    say!("\n1. Measuring the writer's dirty rate (1 s windows), beside the guest's own count:");
     let mut measurements = Vec::new();
     for mode in [RateMode::DirtyRing, RateMode::PageSampling] {
         if start_measuring(&machine, mode) {
             // Keep recording the timeline while the window runs.
             rec.run(&machine, Duration::from_millis(MEASURE_MS), "free");
             if let Some(m) = measured(&machine) {
-                print_measurement(&m);
+                say!("  {m}");
                 measurements.push(m);
             }
         }
     }
     rec.run(&machine, Duration::from_secs(1), "free");
+    still_running(&machine)?;
     let free_until = rec.start.elapsed().as_secs_f64();
     let free = rec.mean(0.0, free_until);
 
     let phase = Duration::from_secs(options.phase_secs);
-    println!(
+    say!(
         "\n2. Dirty limit of {:.0} MiB/s on every vCPU (dirtyvm's quota controller):",
         options.limit_mibps
     );
@@ -233,6 +229,7 @@ pub fn run(options: &DemoOptions) -> Result<DemoSummary, VmmError> {
         .map_err(|e| VmmError::BadConfig(e.to_string()))?;
     let limit_from = rec.start.elapsed().as_secs_f64();
     rec.run(&machine, phase, "dirty limit");
+    still_running(&machine)?;
     let limit_until = rec.start.elapsed().as_secs_f64();
     let limited = rec.mean(limit_from + phase.as_secs_f64() / 2.0, limit_until);
     let in_phase: Vec<&DemoPoint> = rec
@@ -249,7 +246,7 @@ pub fn run(options: &DemoOptions) -> Result<DemoSummary, VmmError> {
         .cancel(None)
         .map_err(|e| VmmError::BadConfig(e.to_string()))?;
 
-    println!(
+    say!(
         "\n3. Auto-converge instead, raised 20, 30, ... % until the VM dirties under {:.0} MiB/s:",
         options.limit_mibps
     );
@@ -260,6 +257,7 @@ pub fn run(options: &DemoOptions) -> Result<DemoSummary, VmmError> {
     let throttle_from = rec.start.elapsed().as_secs_f64();
     // It climbs one step a second: from 20 to 99 % takes 9 s.
     rec.run(&machine, phase + Duration::from_secs(4), "auto-converge");
+    still_running(&machine)?;
     let throttle_until = rec.start.elapsed().as_secs_f64();
     let throttled = rec.mean(throttle_until - 3.0, throttle_until);
     let throttle_pct = machine.limiter().throttle().map_or(0, |t| t.percent);
@@ -268,16 +266,17 @@ pub fn run(options: &DemoOptions) -> Result<DemoSummary, VmmError> {
     machine.shutdown()?;
     let tracker = machine.tracker();
     let ring_full_exits = (0..2)
-        .map(|id| tracker.vcpu(id).ring_full_exits.load(Ordering::Relaxed))
+        .map(|id| tracker.vcpu(id).snapshot().ring_full_exits)
         .sum();
 
-    println!("\n4. The same writer in a guest tracked by the dirty bitmap instead:");
+    say!("\n4. The same writer in a guest tracked by the dirty bitmap instead:");
     let bitmap_config =
         VmConfig::new(2, options.memory, workloads).with_dirty_log(DirtyLog::Bitmap);
     let bitmap = boot_warm(&bitmap_config)?;
+    still_running(&bitmap)?;
     if start_measuring(&bitmap, RateMode::DirtyBitmap) {
         if let Some(m) = measured(&bitmap) {
-            print_measurement(&m);
+            say!("  {m}");
             measurements.push(m);
         }
     }
@@ -310,13 +309,8 @@ pub fn run(options: &DemoOptions) -> Result<DemoSummary, VmmError> {
             color: "#f3d9c6",
         },
     ];
-    std::fs::write(&options.plot, chart(&summary, phases).to_svg()).map_err(|error| {
-        VmmError::Io {
-            what: format!("writing {}", options.plot.display()),
-            error,
-        }
-    })?;
-    Ok(summary)
+    let picture = chart(&summary, phases).to_svg();
+    Ok((summary, picture))
 }
 
 fn chart(summary: &DemoSummary, phases: Vec<Phase>) -> Chart {
@@ -354,19 +348,20 @@ fn chart(summary: &DemoSummary, phases: Vec<Phase>) -> Chart {
 /// Prints the closing table.
 pub fn print_summary(s: &DemoSummary, limit: f64) {
     let pct = |a: f64, b: f64| if b > 0.0 { a / b * 100.0 } else { 0.0 };
-    println!("\nSummary                          writer MiB/s    reader MiB/s   reader vs free");
-    println!(
+    say!("\nSummary                          writer MiB/s    reader MiB/s   reader vs free");
+    say!(
         "  no control                      {:>12.1}    {:>12.1}          100.0%",
-        s.free.0, s.free.1
+        s.free.0,
+        s.free.1
     );
-    println!(
+    say!(
         "  dirty limit {:>5.0} MiB/s         {:>12.1}    {:>12.1}   {:>13.1}%",
         limit,
         s.limited.0,
         s.limited.1,
         pct(s.limited.1, s.free.1)
     );
-    println!(
+    say!(
         "  auto-converge at {:>2}%            {:>12.1}    {:>12.1}   {:>13.1}%",
         s.throttle_pct,
         s.throttled.0,
@@ -375,18 +370,23 @@ pub fn print_summary(s: &DemoSummary, limit: f64) {
     );
     match s.converge_s {
         Some(t) => {
-            println!("  the writer stayed within ±10% of the limit from {t:.1} s after it was set")
+            say!("  the writer stayed within ±10% of the limit from {t:.1} s after it was set")
         }
-        None => println!("  the writer never stayed within ±10% of the limit"),
+        None => say!("  the writer never stayed within ±10% of the limit"),
     }
     if let Some(r) = &s.reaper {
-        println!(
+        say!(
             "  reaper: {} reaps, interval now {:.0} ms, {} ({} mode)",
-            r.reaps, r.interval_ms, r.policy, r.mode
+            r.reaps,
+            r.interval_ms,
+            r.policy,
+            r.mode
         );
     }
-    println!(
+    say!(
         "  dirty pages harvested: {}, ring-full exits: {}, ring overflows detected: {}",
-        s.harvested_pages, s.ring_full_exits, s.wedged_rings
+        s.harvested_pages,
+        s.ring_full_exits,
+        s.wedged_rings
     );
 }

@@ -9,10 +9,17 @@
 
 pub use dirtyvm_sys as sys;
 
+// First: its macros (`say!`, `warn!`) are in scope in every module declared after it.
+#[cfg(not(loom))]
+#[macro_use]
+pub mod console;
+
 // Under `--cfg loom` only the modules with loom models build: the ring protocol and the
 // penalty handoff; everything that needs KVM is left out.
 #[cfg(not(loom))]
 pub mod bitmap;
+#[cfg(not(loom))]
+pub mod cli;
 #[cfg(not(loom))]
 pub mod demo;
 #[cfg(not(loom))]
@@ -21,6 +28,8 @@ pub mod guest;
 #[allow(unsafe_code)]
 pub mod kvm;
 pub mod limit;
+#[cfg(not(loom))]
+pub mod output;
 #[cfg(not(loom))]
 pub mod plot;
 #[cfg(not(loom))]
@@ -40,6 +49,7 @@ pub mod sched;
 mod sync;
 #[cfg(not(loom))]
 pub mod tracking;
+pub mod units;
 #[cfg(not(loom))]
 pub mod vcpu;
 #[cfg(not(loom))]

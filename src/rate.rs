@@ -28,9 +28,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::guest::{GuestStats, Layout};
-use crate::kvm::{GuestMemory, PAGE_SIZE};
-use crate::report::pages_to_mibps;
+use crate::kvm::GuestMemory;
 use crate::tracking::{DirtyLog, Tracker};
+use crate::units::pages_to_mibps;
+use crate::units::PAGE_SIZE;
 use crate::vcpu::{kick_and_wait, VcpuControl};
 
 /// Shortest measurement window, ms (QEMU's range).
@@ -181,6 +182,42 @@ pub struct Measurement {
     pub truth_mibps: f64,
     /// Ground truth per vCPU, MiB/s.
     pub vcpu_truth_mibps: Vec<f64>,
+}
+
+impl fmt::Display for Measurement {
+    /// `dirty rate (MODE, MS ms): RATE MiB/s, truth TRUTH MiB/s, error E%`, then the per-vCPU
+    /// rates beside their truths when the mode has them (vCPUs with both at 0 left out).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "dirty rate ({}, {:.0} ms): {:.1} MiB/s, truth {:.1} MiB/s, error ",
+            self.mode, self.calc_time_ms, self.rate_mibps, self.truth_mibps
+        )?;
+        if self.truth_mibps > 0.0 {
+            write!(
+                f,
+                "{:+.1}%",
+                (self.rate_mibps - self.truth_mibps) / self.truth_mibps * 100.0
+            )?;
+        } else {
+            f.write_str("n/a")?;
+        }
+        if let Some(rates) = &self.vcpu_rates_mibps {
+            let pairs = rates.iter().zip(&self.vcpu_truth_mibps).enumerate();
+            let mut quiet = 0;
+            for (id, (rate, truth)) in pairs {
+                if *rate == 0.0 && *truth == 0.0 {
+                    quiet += 1;
+                } else {
+                    write!(f, "; vCPU {id} {rate:.1} (truth {truth:.1})")?;
+                }
+            }
+            if quiet > 0 {
+                write!(f, "; {quiet} more vCPUs 0.0 (truth 0.0)")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where a measurement is in its life.
@@ -397,18 +434,20 @@ fn measure(shared: &Shared, request: RateRequest) -> Option<Measurement> {
             (Dirty::Vm(dirty_pages), truth, elapsed)
         }
         RateMode::DirtyRing | RateMode::DirtyBitmap => {
+            // The window runs from the end of the reap that opens it to the start of the one
+            // that closes it, and the truth is read at both ends, however long those reaps
+            // take with many vCPUs.
             kick_and_wait(&sources.vcpus);
+            let opened = sources.tracker.open_window().ok()?;
             let stats0 = stats(sources);
-            let t0 = Instant::now();
-            sources.tracker.open_window().ok()?;
-            let completed = sleep_window(shared, window);
+            let completed = sleep_window(shared, window.saturating_sub(opened.elapsed()));
             kick_and_wait(&sources.vcpus);
-            let counts = sources.tracker.close_window().ok()??;
-            let elapsed = t0.elapsed();
+            let stats1 = stats(sources);
+            let (counts, elapsed) = sources.tracker.close_window().ok()??;
             if !completed {
                 return None;
             }
-            let truth = truth_pages(&sources.layout, &stats0, &stats(sources));
+            let truth = truth_pages(&sources.layout, &stats0, &stats1);
             let dirty = match request.mode {
                 RateMode::DirtyRing => Dirty::PerVcpu(counts),
                 _ => Dirty::Vm(counts.iter().sum::<u64>() as f64),

@@ -27,7 +27,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -216,7 +215,7 @@ impl Reaper {
 fn reaper_loop(shared: &Shared, stop: &Stop) {
     let (policy, refused) = sched::try_fifo(REAPER_PRIORITY);
     if let Some(e) = refused {
-        eprintln!("dirtyvm: warning: the reaper runs at normal priority (SCHED_FIFO refused: {e})");
+        warn!("the reaper runs at normal priority (SCHED_FIFO refused: {e})");
     }
     shared.lock().policy = policy;
     loop {
@@ -244,12 +243,11 @@ fn reaper_loop(shared: &Shared, stop: &Stop) {
             )));
             break;
         }
-        let stats = (0..shared.vcpus.len() as u32).map(|id| shared.tracker.vcpu(id));
-        let ring_full: u64 = stats
-            .clone()
-            .map(|v| v.ring_full_exits.load(Ordering::Relaxed))
-            .sum();
-        let produced: Vec<u64> = stats.map(|v| v.entries_produced()).collect();
+        let counts: Vec<_> = (0..shared.vcpus.len() as u32)
+            .map(|id| shared.tracker.vcpu(id).snapshot())
+            .collect();
+        let ring_full: u64 = counts.iter().map(|c| c.ring_full_exits).sum();
+        let produced: Vec<u64> = counts.iter().map(|c| c.entries_produced()).collect();
         let mut state = shared.lock();
         state.reaps += 1;
         if let Some(ticket) = flush {

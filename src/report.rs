@@ -1,26 +1,14 @@
-//! The JSON report written at exit (`--report PATH`), and the page/MiB arithmetic shared by
-//! everything that prints rates.
-
-use std::io::{self, Write};
-use std::path::Path;
+//! The JSON report written at exit (`--report PATH`).
 
 use serde::Serialize;
 
 use crate::limit::LimitReport;
 use crate::rate::Measurement;
 use crate::reaper::ReaperStats;
-
-/// Pages of 4 KiB per MiB.
-const PAGES_PER_MIB: f64 = 256.0;
-
-/// A page count over `seconds`, in MiB/s.
-pub fn pages_to_mibps(pages: u64, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        pages as f64 / PAGES_PER_MIB / seconds
-    } else {
-        0.0
-    }
-}
+use crate::tracking::DirtyLog;
+use crate::units::pages_to_mibps;
+use crate::vcpu::StopReason;
+use crate::vmm::Machine;
 
 /// The run's report. Sections of features not in use are absent.
 #[derive(Debug, Clone, Serialize)]
@@ -97,15 +85,63 @@ pub struct VcpuReport {
 }
 
 impl Report {
-    /// Writes the report as pretty JSON, atomically: a reader never sees half a report.
-    pub fn write(&self, path: &Path) -> io::Result<()> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = Path::new(&tmp);
-        let mut file = std::fs::File::create(tmp)?;
-        serde_json::to_writer_pretty(&mut file, self)?;
-        file.write_all(b"\n")?;
-        file.sync_all()?;
-        std::fs::rename(tmp, path)
+    /// The report of `machine`, which stopped for `reason`, with the measurements taken.
+    /// Read it after [`Machine::shutdown`]: the vCPUs have stopped and the rings were
+    /// flushed, so each vCPU's ground truth and harvested count describe the same moment.
+    pub fn new(machine: &Machine, reason: &StopReason, dirty_rate: Vec<Measurement>) -> Report {
+        let tracker = machine.tracker();
+        let elapsed = machine.ran_for().as_secs_f64();
+        let vcpus = machine
+            .layout()
+            .vcpus()
+            .iter()
+            .zip(machine.guest_stats())
+            .zip(machine.vcpus())
+            .map(|((plan, s), control)| {
+                let dirty = tracker.vcpu(plan.id).snapshot();
+                let exits = control.exits.snapshot();
+                VcpuReport {
+                    id: plan.id,
+                    workload: plan.workload.to_string(),
+                    pages_written: s.pages_written,
+                    pages_read: s.pages_read,
+                    passes: s.passes,
+                    written_mibps: pages_to_mibps(s.pages_written, elapsed),
+                    read_mibps: pages_to_mibps(s.pages_read, elapsed),
+                    dirty_pages_harvested: dirty.harvested,
+                    ring_full_exits: dirty.ring_full_exits,
+                    bad_entries: dirty.bad_entries,
+                    lost_entries: dirty.lost_entries,
+                    penalty_ms_total: machine.limiter().penalty(plan.id).ms_total,
+                    hlt_exits: exits.hlt,
+                    kicks: exits.interrupted,
+                }
+            })
+            .collect();
+        Report {
+            version: env!("CARGO_PKG_VERSION"),
+            duration_s: elapsed,
+            stop_reason: reason.to_string(),
+            dirty_log: tracker.log().name(),
+            ring_entries: tracker.ring_entries(),
+            bitmap_manual_protect: (tracker.log() == DirtyLog::Bitmap)
+                .then(|| tracker.manual_protect()),
+            dirty_pages_harvested: tracker.harvested(),
+            wedged_rings: tracker.wedged_rings(),
+            reset_mismatches: tracker.reset_mismatches(),
+            reaper: machine.reaper().map(|r| r.stats()),
+            memory_bytes: machine.layout().memory(),
+            tsc_khz: machine.tsc_khz(),
+            vcpus,
+            dirty_rate,
+            dirty_limit: Some(machine.limiter().report()).filter(|r| !r.series.is_empty()),
+        }
+    }
+
+    /// The report as pretty JSON, one buffer, ending in a newline.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut json = serde_json::to_vec_pretty(self).expect("plain data serializes");
+        json.push(b'\n');
+        json
     }
 }

@@ -12,8 +12,8 @@ use serde::Serialize;
 use crate::guest::{GuestStats, Workload};
 use crate::limit::LimitAlgo;
 use crate::rate::{RateMode, RateRequest, RateStatus};
-use crate::report::pages_to_mibps;
 use crate::tracking::DirtyLog;
+use crate::units::pages_to_mibps;
 use crate::vmm::{Machine, VmConfig, VmmError};
 
 /// How often convergence samples the writer's ground truth.
@@ -36,7 +36,7 @@ pub fn boot_warm(config: &VmConfig) -> Result<Machine, VmmError> {
                 plan.workload.writes() && s.passes == 0 && s.pages_written < plan.workload.pages()
             })
     };
-    while cold(&machine) && Instant::now() < deadline {
+    while cold(&machine) && machine.stop().reason().is_none() && Instant::now() < deadline {
         sleep(Duration::from_millis(20));
     }
     Ok(machine)
@@ -332,24 +332,24 @@ pub fn convergence(
 
 fn ring_full_exits(machine: &Machine) -> u64 {
     (0..machine.vcpus().len() as u32)
-        .map(|id| {
-            machine
-                .tracker()
-                .vcpu(id)
-                .ring_full_exits
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
+        .map(|id| machine.tracker().vcpu(id).snapshot().ring_full_exits)
         .sum()
 }
 
 /// Prints the accuracy table.
 pub fn print_accuracy(rows: &[AccuracyRow]) {
-    println!(
+    say!(
         "{:<22} {:>7} {:<14} {:>11} {:>11} {:>10} {:>12}",
-        "writer", "memory", "mode", "truth MiB/s", "meas. MiB/s", "worst err", "writer speed"
+        "writer",
+        "memory",
+        "mode",
+        "truth MiB/s",
+        "meas. MiB/s",
+        "worst err",
+        "writer speed"
     );
     for r in rows {
-        println!(
+        say!(
             "{:<22} {:>6}M {:<14} {:>11.1} {:>11.1} {:>9.2}% {:>11.1}%",
             r.workload,
             r.memory_mib,
@@ -364,7 +364,7 @@ pub fn print_accuracy(rows: &[AccuracyRow]) {
 
 /// Prints the convergence table.
 pub fn print_convergence(rows: &[ConvergenceRow]) {
-    println!(
+    say!(
         "{:<14} {:>6} {:>10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>7}",
         "controller",
         "limit",
@@ -388,7 +388,7 @@ pub fn print_convergence(rows: &[ConvergenceRow]) {
         } else {
             " (writer never held under the limit)"
         };
-        println!(
+        say!(
             "{:<14} {:>6.0} {:>10.1} {:>10} {:>9.1}% {:>9.1}% {:>7.1}% {:>9} {:>7}{throttle}{held}",
             r.controller,
             r.limit_mibps,

@@ -32,7 +32,7 @@ use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dirtyvm_sys as sys;
 
@@ -106,15 +106,57 @@ pub struct VcpuDirtyStats {
     pub overflows: AtomicU64,
 }
 
-impl VcpuDirtyStats {
+/// A reading of [`VcpuDirtyStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuDirtyCounts {
+    /// Entries harvested from this vCPU's ring that named a tracked page.
+    pub harvested: u64,
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits.
+    pub ring_full_exits: u64,
+    /// Entries dropped because they named no tracked page.
+    pub bad_entries: u64,
+    /// Entries found lost in an overflowed ring.
+    pub lost_entries: u64,
+    /// Overflows detected on this vCPU's ring.
+    pub overflows: u64,
+}
+
+impl VcpuDirtyCounts {
     /// Ring entries this vCPU's kernel pushed that were harvested or found lost, whoever
     /// harvested them: what its dirtying filled its ring with.
     pub fn entries_produced(&self) -> u64 {
-        [&self.harvested, &self.bad_entries, &self.lost_entries]
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
+        self.harvested + self.bad_entries + self.lost_entries
     }
+}
+
+impl VcpuDirtyStats {
+    /// The counters now. Each is exact; taken while rings are harvested, they may be a few
+    /// entries apart.
+    pub fn snapshot(&self) -> VcpuDirtyCounts {
+        // Relaxed: counters, no data published with them.
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        VcpuDirtyCounts {
+            harvested: load(&self.harvested),
+            ring_full_exits: load(&self.ring_full_exits),
+            bad_entries: load(&self.bad_entries),
+            lost_entries: load(&self.lost_entries),
+            overflows: load(&self.overflows),
+        }
+    }
+}
+
+/// Whether a reap scans every ring for a gap of lost entries, which takes a look at each
+/// entry of each ring, and whether before or after the harvest that marks the reap's moment:
+/// a window opens after its scan and closes before it, so that however long the scans of
+/// many rings take, they fall outside the window.
+#[derive(Debug, Clone, Copy)]
+enum Scan {
+    /// Only suspect rings (see the module docs).
+    No,
+    /// Every ring, then a quick harvest of all.
+    BeforeHarvest,
+    /// A quick harvest of all, then every ring.
+    AfterHarvest,
 }
 
 /// A ring that overflowed and could not be brought back.
@@ -148,35 +190,80 @@ struct RingState {
     suspect: bool,
 }
 
-/// Distinct pages dirtied since a measurement window opened: one bitmap and count per vCPU
-/// (rings) or one for the VM (bitmap). Lives under the tracker lock, like every harvest.
+/// Distinct pages dirtied since a measurement window opened: one set per vCPU (rings) or one
+/// for the VM (bitmap), each with its count. Lives under the tracker lock, like every harvest.
+/// The sets are sparse, so a window costs what is dirtied in it, not vCPUs × RAM.
 struct Window {
-    sets: Vec<Vec<u64>>,
-    distinct: Vec<u64>,
+    sets: Vec<SparsePages>,
+    /// When the reap that opened it ended.
+    opened: Instant,
 }
 
 impl Window {
-    fn new(sets: usize, pages: u64) -> Window {
+    fn new(sets: usize) -> Window {
         Window {
-            sets: vec![vec![0; pages.div_ceil(64) as usize]; sets],
-            distinct: vec![0; sets],
+            sets: (0..sets).map(|_| SparsePages::default()).collect(),
+            opened: Instant::now(),
         }
     }
 
     fn mark(&mut self, set: usize, page: u64) {
-        let word = &mut self.sets[set][(page / 64) as usize];
-        let bit = 1 << (page % 64);
-        if *word & bit == 0 {
-            *word |= bit;
-            self.distinct[set] += 1;
-        }
+        self.sets[set].mark(page);
     }
 
     fn mark_bitmap(&mut self, bitmap: &[u64]) {
-        for (word, &bits) in self.sets[0].iter_mut().zip(bitmap) {
-            self.distinct[0] += u64::from((bits & !*word).count_ones());
-            *word |= bits;
+        for (word, &bits) in bitmap.iter().enumerate() {
+            if bits != 0 {
+                self.sets[0].mark_word(word as u64, bits);
+            }
         }
+    }
+
+    fn distinct(&self) -> Vec<u64> {
+        self.sets.iter().map(|s| s.distinct).collect()
+    }
+}
+
+/// Words of one chunk of a [`SparsePages`]: 512 words, 32768 pages, 128 MiB of RAM.
+const CHUNK_WORDS: usize = 512;
+
+/// A set of page numbers in chunks of bitmap allocated as pages are added, sorted by chunk
+/// index: a vCPU that dirties nothing costs nothing, a writer over 256 MiB costs 8 KiB.
+#[derive(Default)]
+struct SparsePages {
+    chunks: Vec<(u64, Box<[u64; CHUNK_WORDS]>)>,
+    /// The chunk the last page went to: writers move through memory in runs.
+    last: usize,
+    distinct: u64,
+}
+
+impl SparsePages {
+    fn mark(&mut self, page: u64) {
+        self.mark_word(page / 64, 1 << (page % 64));
+    }
+
+    /// Adds the pages set in `bits`, bitmap word `word` (pages `64 × word` on).
+    fn mark_word(&mut self, word: u64, bits: u64) {
+        let chunk = word / CHUNK_WORDS as u64;
+        if self
+            .chunks
+            .get(self.last)
+            .is_none_or(|(index, _)| *index != chunk)
+        {
+            self.last = match self
+                .chunks
+                .binary_search_by_key(&chunk, |(index, _)| *index)
+            {
+                Ok(found) => found,
+                Err(at) => {
+                    self.chunks.insert(at, (chunk, Box::new([0; CHUNK_WORDS])));
+                    at
+                }
+            };
+        }
+        let slot = &mut self.chunks[self.last].1[word as usize % CHUNK_WORDS];
+        self.distinct += u64::from((bits & !*slot).count_ones());
+        *slot |= bits;
     }
 }
 
@@ -314,20 +401,27 @@ impl Tracker {
 
     /// Harvests every ring (or syncs the bitmap) and resets, publishing the dirtied pages.
     pub fn reap(&self) -> io::Result<()> {
-        self.reap_locked(&mut self.lock(), false)
+        self.reap_locked(&mut self.lock(), Scan::No)
     }
 
-    /// Reaps; with `scan_gaps` every ring is scanned for a gap of lost entries, otherwise only
-    /// rings whose vCPU took a ring-full exit (an overflow comes with one). Whatever hands
+    /// Reaps, scanning every ring for a gap of lost entries as `scan` says (otherwise only
+    /// rings whose vCPU took a ring-full exit, which an overflow comes with). Whatever hands
     /// pages or counts to a consumer scans, so a loss is always known before it is handed out.
-    fn reap_locked(&self, state: &mut State, scan_gaps: bool) -> io::Result<()> {
+    fn reap_locked(&self, state: &mut State, scan: Scan) -> io::Result<()> {
         match self.log {
             DirtyLog::None => Ok(()),
             DirtyLog::Bitmap => self.sync_bitmap(state),
             DirtyLog::Ring => {
+                let passes: &[bool] = match scan {
+                    Scan::No => &[false],
+                    Scan::BeforeHarvest => &[true, false],
+                    Scan::AfterHarvest => &[false, true],
+                };
                 let mut collected = 0u32;
-                for id in 0..state.rings.len() {
-                    collected += self.harvest_ring(state, id, scan_gaps);
+                for &scan_gaps in passes {
+                    for id in 0..state.rings.len() {
+                        collected += self.harvest_ring(state, id, scan_gaps);
+                    }
                 }
                 self.reset_and_publish(state, collected)?;
                 self.estimator
@@ -385,33 +479,38 @@ impl Tracker {
 
     /// Opens a measurement window: reaps (what was dirtied before is not counted), then
     /// counts distinct pages dirtied from now on, per vCPU with rings, for the VM with the
-    /// bitmap. Kick the vCPUs first on hosts with hardware dirty buffers (PML).
-    pub fn open_window(&self) -> io::Result<()> {
+    /// bitmap. Kick the vCPUs first on hosts with hardware dirty buffers (PML). Returns when
+    /// the window opened.
+    pub fn open_window(&self) -> io::Result<Instant> {
         let mut state = self.lock();
-        self.reap_locked(&mut state, true)?;
+        self.reap_locked(&mut state, Scan::BeforeHarvest)?;
         let sets = match self.log {
             DirtyLog::Ring => self.vcpus.len(),
             DirtyLog::Bitmap | DirtyLog::None => 1,
         };
-        state.window = Some(Window::new(sets, self.ram.pages()));
-        Ok(())
+        let window = Window::new(sets);
+        let opened = window.opened;
+        state.window = Some(window);
+        Ok(opened)
     }
 
     /// Closes the window opened by [`Tracker::open_window`] after a last reap; returns the
-    /// distinct pages dirtied in it, per vCPU with rings (one count with the bitmap), or
-    /// `None` if no window was open.
-    pub fn close_window(&self) -> io::Result<Option<Vec<u64>>> {
+    /// distinct pages dirtied in it, per vCPU with rings (one count with the bitmap), and
+    /// how long it was open (from the end of the opening reap to the start of the closing
+    /// one), or `None` if no window was open.
+    pub fn close_window(&self) -> io::Result<Option<(Vec<u64>, Duration)>> {
         let mut state = self.lock();
-        let reaped = self.reap_locked(&mut state, true);
+        let closed = Instant::now();
+        let reaped = self.reap_locked(&mut state, Scan::AfterHarvest);
         let window = state.window.take();
         reaped?;
-        Ok(window.map(|w| w.distinct))
+        Ok(window.map(|w| (w.distinct(), closed - w.opened)))
     }
 
     /// Reaps, then takes the pages dirtied since the last take.
     pub fn take_dirty(&self) -> io::Result<DirtyPages> {
         let mut state = self.lock();
-        self.reap_locked(&mut state, true)?;
+        self.reap_locked(&mut state, Scan::AfterHarvest)?;
         Ok(self.ram.take())
     }
 
@@ -477,8 +576,8 @@ impl Tracker {
         self.ram.mark_incomplete();
         // The first overflow of each ring is worth a line; the rest are counted (report).
         if stats.overflows.fetch_add(1, Ordering::Relaxed) == 0 {
-            eprintln!(
-                "dirtyvm: warning: vCPU {vcpu}'s dirty ring overflowed ({sign}; {lost} entries \
+            warn!(
+                "vCPU {vcpu}'s dirty ring overflowed ({sign}; {lost} entries \
                  lost): treating all of guest memory as dirty and recovering the ring; later \
                  overflows are counted in the report (wedged_rings). Larger rings \
                  (--ring-entries) or a faster reaper avoid this"

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
@@ -14,13 +14,7 @@ use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 use crate::kvm::{ImmediateExit, Vcpu, VcpuExit, KICK_SIGNAL};
 use crate::limit::PenaltySlot;
 use crate::tracking::{RingFullError, Tracker};
-
-/// Nanoseconds since the first call in this process: the clock penalties are set on.
-pub fn monotonic_ns() -> u64 {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    // Never 0 once started, so 0 can mean "no deadline".
-    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
-}
+use crate::units::monotonic_ns;
 
 /// Why the VM is stopping. The first reason given wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +86,30 @@ pub struct ExitCounters {
     pub interrupted: AtomicU64,
     /// Every return from `KVM_RUN`.
     pub all: AtomicU64,
+}
+
+/// A reading of [`ExitCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    /// `hlt` exits.
+    pub hlt: u64,
+    /// Kicks and signals (`EINTR`).
+    pub interrupted: u64,
+    /// Every return from `KVM_RUN`.
+    pub all: u64,
+}
+
+impl ExitCounters {
+    /// The counters now.
+    pub fn snapshot(&self) -> ExitCounts {
+        // Relaxed: counters; `VcpuControl::exits_taken` is the one read that orders.
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ExitCounts {
+            hlt: load(&self.hlt),
+            interrupted: load(&self.interrupted),
+            all: load(&self.all),
+        }
+    }
 }
 
 /// The shared side of a vCPU thread: how other threads kick and stop it.

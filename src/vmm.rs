@@ -2,7 +2,9 @@
 //! the guest's ground-truth counters.
 
 use std::fmt;
+use std::fs;
 use std::io;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -107,6 +109,75 @@ impl From<LayoutError> for VmmError {
     }
 }
 
+/// Memory this process can still fill, bytes: `MemAvailable`, or less under a cgroup limit
+/// (v2 `memory.max`, v1 `memory.limit_in_bytes`, of the process's cgroup and its ancestors);
+/// `None` when the host does not say.
+pub fn memory_available() -> Option<u64> {
+    let read = |path: &Path| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let meminfo = fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+        Some(
+            kib.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()?
+                * 1024,
+        )
+    });
+    let mut available = meminfo;
+    let cgroups = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let (root, limit, usage) = match controllers {
+            "" => ("/sys/fs/cgroup", "memory.max", "memory.current"),
+            c if c.split(',').any(|c| c == "memory") => (
+                "/sys/fs/cgroup/memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            ),
+            _ => continue,
+        };
+        // The cgroup and each ancestor up to the root of the mount the process sees.
+        let mut dir = Some(Path::new(path.trim_start_matches('/')));
+        while let Some(relative) = dir {
+            let at = Path::new(root).join(relative);
+            if let (Some(limit), Some(usage)) = (read(&at.join(limit)), read(&at.join(usage))) {
+                let left = limit.saturating_sub(usage);
+                available = Some(available.map_or(left, |a| a.min(left)));
+            }
+            dir = relative.parent();
+        }
+    }
+    available
+}
+
+/// Refuses working sets the host cannot back: the pages writers dirty must become host
+/// memory, and a guest that outgrows it is killed by the kernel with no message and no
+/// report. Readers and unused guest memory cost nothing (they map the host's zero page).
+fn check_host_memory(layout: &Layout) -> Result<(), VmmError> {
+    let dirtied: u64 = layout
+        .vcpus()
+        .iter()
+        .filter(|plan| plan.workload.writes())
+        .map(|plan| plan.workload.working_set())
+        .sum();
+    match memory_available() {
+        Some(available) if dirtied > available => Err(VmmError::BadConfig(format!(
+            "the writers' working sets need {} of host memory but only {} is available to \
+             dirtyvm (MemAvailable, or the cgroup's memory limit); shrink the writers",
+            guest::Size(dirtied),
+            guest::Size(available)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Opens `/dev/kvm`, mapping failure to [`VmmError::KvmUnavailable`].
 pub fn open_kvm() -> Result<Kvm, VmmError> {
     Kvm::open().map_err(VmmError::KvmUnavailable)
@@ -127,7 +198,8 @@ pub fn max_vcpus(kvm: &Kvm) -> u32 {
 fn ring_capability(vm: &Vm, entries: Option<u32>) -> Result<(u32, u32), VmmError> {
     let Some((cap, max)) = vm.dirty_ring_capability() else {
         return Err(VmmError::MissingCapability(
-            "has no dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL or KVM_CAP_DIRTY_LOG_RING);              use --dirty-log bitmap"
+            "has no dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL or KVM_CAP_DIRTY_LOG_RING); \
+             use --dirty-log bitmap"
                 .into(),
         ));
     };
@@ -255,6 +327,8 @@ pub struct Machine {
     layout: Layout,
     stop: Arc<Stop>,
     started: Instant,
+    /// When `shutdown` stopped the vCPUs.
+    stopped: Mutex<Option<Instant>>,
     tsc_khz: u32,
 }
 
@@ -262,6 +336,7 @@ impl Machine {
     /// Boots `config` and starts every vCPU.
     pub fn boot(config: &VmConfig) -> Result<Machine, VmmError> {
         let layout = Layout::new(config.vcpus, config.memory, &config.workloads)?;
+        check_host_memory(&layout)?;
         let kvm = open_kvm()?;
         let max = max_vcpus(&kvm);
         if config.vcpus > max {
@@ -351,6 +426,7 @@ impl Machine {
             layout,
             stop,
             started,
+            stopped: Mutex::new(None),
             tsc_khz: tsc_khz[0],
         })
     }
@@ -368,6 +444,13 @@ impl Machine {
     /// When the vCPUs were started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// How long the vCPUs ran: from boot until [`Machine::shutdown`] stopped them, or until
+    /// now.
+    pub fn ran_for(&self) -> std::time::Duration {
+        let stopped = *self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        stopped.unwrap_or_else(Instant::now) - self.started
     }
 
     /// The guest TSC frequency in kHz (what paced workloads count against).
@@ -455,6 +538,10 @@ impl Machine {
             thread.control().request_stop();
         }
         threads.into_iter().for_each(VcpuThread::stop_and_join);
+        self.stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
         let last_reap = self.tracker.reap().map(drop);
         if let Some(reaper) = &self.reaper {
             reaper.stop();

@@ -10,6 +10,7 @@ mod common;
 use common::{drain, KillOnDrop};
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -422,6 +423,19 @@ fn run_prints_progress_and_writes_the_report() {
     assert_eq!(u64_field(&vcpus[0], "pages_read"), 0, "{report}");
     assert!(u64_field(&vcpus[1], "pages_read") > 0, "{report}");
     assert_eq!(u64_field(&vcpus[1], "pages_written"), 0, "{report}");
+    // Both counts are read after the vCPUs stopped and the rings were flushed: a page is
+    // harvested at most once per write, plus the one write whose counter the guest had not
+    // yet bumped when its vCPU stopped (the guest CPU itself dirties no logged page: its
+    // page tables and counters live in a slot that is not logged).
+    let (written, harvested) = (
+        u64_field(&vcpus[0], "pages_written"),
+        u64_field(&vcpus[0], "dirty_pages_harvested"),
+    );
+    assert!(
+        harvested <= written + 1,
+        "{harvested} pages harvested for {written} written: {report}"
+    );
+    assert_eq!(u64_field(&vcpus[1], "dirty_pages_harvested"), 0, "{report}");
 }
 
 /// Runs without `--duration`, sends `signal` after the first progress line, and checks the
@@ -607,4 +621,366 @@ fn help_mentions_the_workload_grammar() {
 #[test]
 fn run_help_mentions_the_workload_grammar() {
     assert_help_mentions_the_workload_grammar(&["run", "--help"]);
+}
+
+/// `dirtyvm ARGS` (any command) exits 2 at once, before a VM boots, naming every one of
+/// `names`.
+fn assert_refused(args: &[&str], names: &[&str]) {
+    let out = run(args);
+    assert_eq!(
+        out.code(),
+        Some(2),
+        "`dirtyvm {}` should exit 2 (bad input):\n{}",
+        args.join(" "),
+        out.describe()
+    );
+    for name in names {
+        assert!(
+            out.stderr.contains(name),
+            "the message should name {name:?}:\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        !out.stdout.contains("vCPUs,") && !out.stdout.contains("dirtyvm demo:"),
+        "refused only after the VM booted:\n{}",
+        out.describe()
+    );
+    assert_eq!(
+        out.stderr.matches("error:").count(),
+        1,
+        "one error, said once:\n{}",
+        out.describe()
+    );
+    assert_no_panic(&out);
+}
+
+#[test]
+fn negative_numbers_name_their_option() {
+    for (option, value) in [
+        ("--vcpus", "-1"),
+        ("--memory", "-1"),
+        ("--dirty-limit", "-1"),
+        ("--ring-entries", "-1024"),
+        ("--sample-pages", "-5"),
+        ("--duration", "-3"),
+    ] {
+        let mut args = vec!["run", option, value];
+        if option == "--sample-pages" {
+            args.extend(["--calc-dirty-rate", "page-sampling"]);
+        }
+        let out = run(&args);
+        assert_eq!(out.code(), Some(2), "{option} {value}:\n{}", out.describe());
+        assert!(
+            out.stderr.contains(option) && out.stderr.contains(value),
+            "{option} {value}: the message should name both:\n{}",
+            out.describe()
+        );
+        assert!(
+            !out.stderr.contains("unexpected argument"),
+            "{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn limits_and_paces_outside_their_range_are_refused() {
+    assert_refused(
+        &["run", "--dirty-limit", "1e-20"],
+        &["--dirty-limit", "1e-20", "1"],
+    );
+    assert_refused(&["run", "--dirty-limit", "0.5"], &["--dirty-limit", "0.5"]);
+    assert_refused(
+        &["run", "--vcpu-dirty-limit", "0=1e-20"],
+        &["--vcpu-dirty-limit", "1e-20"],
+    );
+    assert_refused(
+        &["run", "--dirty-limit", "2e6"],
+        &["--dirty-limit", "1048576"],
+    );
+    assert_refused(
+        &["run", "--workload", "write:64M@1e-13"],
+        &["--workload", "1e-13", "0.01"],
+    );
+    assert_refused(&["demo", "--limit", "1e-20"], &["--limit", "1e-20"]);
+}
+
+#[test]
+fn working_sets_that_overflow_or_are_empty_are_refused() {
+    assert_refused(
+        &[
+            "run",
+            "--memory",
+            "64M",
+            "--workload",
+            "write:8589934592G",
+            "--workload",
+            "write:8589934592G",
+        ],
+        &["8589934592G + 8589934592G", "--memory is 64M"],
+    );
+    assert_refused(
+        &["demo", "--writer", "8589934592G", "--reader", "8589934592G"],
+        &["--writer 8589934592G", "--reader 8589934592G"],
+    );
+    // `run` refuses write:0; so does the demo.
+    assert_refused(&["demo", "--writer", "0"], &["--writer", "'0'"]);
+    assert_refused(&["demo", "--reader", "0"], &["--reader", "'0'"]);
+}
+
+#[test]
+fn writers_larger_than_the_host_memory_are_refused() {
+    if !common::kvm_available("writers_larger_than_the_host_memory_are_refused") {
+        return;
+    }
+    // More than this host has (24 GiB): the kernel would kill dirtyvm without a word.
+    assert_refused(
+        &[
+            "run",
+            "--memory",
+            "64G",
+            "--workload",
+            "write:60G",
+            "--duration",
+            "5",
+        ],
+        &["60G", "available"],
+    );
+    // Guest memory beyond the host is fine while the writers fit: it is reserved lazily.
+    let out = run(&[
+        "run",
+        "--memory",
+        "64G",
+        "--workload",
+        "write:4M",
+        "--duration",
+        "0.5",
+    ]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+}
+
+#[test]
+fn options_that_would_be_ignored_are_refused() {
+    assert_refused(
+        &[
+            "run",
+            "--calc-dirty-rate",
+            "dirty-ring:5000",
+            "--duration",
+            "3",
+        ],
+        &["--calc-dirty-rate", "5000", "--duration"],
+    );
+    assert_refused(&["run", "--sample-pages", "0"], &["--sample-pages"]);
+    assert_refused(
+        &[
+            "run",
+            "--calc-dirty-rate",
+            "dirty-ring",
+            "--sample-pages",
+            "1024",
+        ],
+        &["--sample-pages", "page-sampling"],
+    );
+    assert_refused(
+        &[
+            "run",
+            "--vcpu-dirty-limit",
+            "0=10",
+            "--vcpu-dirty-limit",
+            "0=20",
+        ],
+        &["--vcpu-dirty-limit 0", "twice"],
+    );
+}
+
+#[test]
+fn bad_report_and_plot_paths_are_refused_before_the_run() {
+    let dir = TempDir::new("bad-paths");
+    let missing = dir.join("missing/r.json");
+    let trailing = format!("{}/", dir.join("r.json").display());
+    let directory = dir.0.to_str().unwrap().to_string();
+    for (path, reason) in [
+        (missing.to_str().unwrap(), "No such file"),
+        (trailing.as_str(), "ending in '/'"),
+        (directory.as_str(), "is a directory"),
+        ("/sys/r.json", "cannot create a file"),
+    ] {
+        assert_refused(
+            &["run", "--report", path, "--duration", "30"],
+            &["--report", path, reason],
+        );
+    }
+    assert_refused(
+        &["demo", "--plot", missing.to_str().unwrap()],
+        &["--plot", "No such file"],
+    );
+    assert_refused(
+        &["demo", "--report", directory.as_str()],
+        &["--report", "is a directory"],
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+    assert!(left.is_empty(), "stray files left: {left:?}");
+}
+
+#[test]
+fn bad_qmp_paths_are_refused_before_the_run() {
+    let dir = TempDir::new("bad-qmp");
+    let long = dir.join(&"s".repeat(120));
+    let file = dir.join("file");
+    std::fs::write(&file, "keep").unwrap();
+    let listening = dir.join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&listening).unwrap();
+    let directory = dir.0.to_str().unwrap().to_string();
+    for (path, reason) in [
+        (long.to_str().unwrap(), "at most 107"),
+        (
+            dir.join("missing/q.sock")
+                .to_str()
+                .unwrap()
+                .to_string()
+                .leak() as &str,
+            "No such file",
+        ),
+        (file.to_str().unwrap(), "not a socket"),
+        (directory.as_str(), "not a socket"),
+        (listening.to_str().unwrap(), "another process serves QMP"),
+    ] {
+        assert_refused(
+            &["run", "--qmp", path, "--duration", "30"],
+            &["--qmp", reason],
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+}
+
+/// The stdout a run gets, and what it must survive.
+fn report_survives_stdout(stdout: Stdio, what: &str) {
+    let _vm = common::one_vm_at_a_time();
+    let dir = TempDir::new(what);
+    let report = dir.join("r.json");
+    let mut child = dirtyvm()
+        .args([
+            "run",
+            "--memory",
+            "16M",
+            "--workload",
+            "write:4M",
+            "--duration",
+            "2",
+            "--report",
+            report.to_str().unwrap(),
+        ])
+        .stdout(stdout)
+        .spawn()
+        .expect("spawning dirtyvm");
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let mut child = KillOnDrop(child);
+    let status = child
+        .wait_timeout(TIMEOUT)
+        .unwrap_or_else(|| panic!("{what}: dirtyvm did not exit"));
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{what}: {status:?}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{what}:\n{stderr}");
+    let report = read_report(&report);
+    assert!(
+        u64_field(&report["vcpus"][0], "pages_written") > 0,
+        "{report}"
+    );
+}
+
+#[test]
+fn a_full_disk_on_stdout_loses_no_report() {
+    if !common::kvm_available("a_full_disk_on_stdout_loses_no_report") {
+        return;
+    }
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    report_survives_stdout(Stdio::from(full), "dev-full");
+}
+
+#[test]
+fn a_closed_pipe_on_stdout_loses_no_report() {
+    if !common::kvm_available("a_closed_pipe_on_stdout_loses_no_report") {
+        return;
+    }
+    // A pipe whose reader is gone, as after `| head -1`.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    report_survives_stdout(Stdio::from(writer), "closed-pipe");
+}
+
+/// A one-second run with a writer that writes its report to `path`; it must succeed.
+fn short_run_reporting_to(path: &Path) {
+    let out = run(&[
+        "run",
+        "--memory",
+        "16M",
+        "--workload",
+        "write:4M",
+        "--duration",
+        "1",
+        "--report",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+}
+
+#[test]
+fn the_report_goes_through_fifos_and_symlinks_and_replaces_neither() {
+    if !common::kvm_available("the_report_goes_through_fifos_and_symlinks_and_replaces_neither") {
+        return;
+    }
+    let _vm = common::one_vm_at_a_time();
+    let dir = TempDir::new("report-kinds");
+    // A FIFO with a reader gets the report and stays a FIFO.
+    let fifo = dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let reader = {
+        let fifo = fifo.clone();
+        thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    short_run_reporting_to(&fifo);
+    let json: Value = serde_json::from_str(&reader.join().unwrap()).unwrap();
+    check_report_shape(&json, 2);
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    // A symlink stays one; the file it names gets the report. A PATH.tmp that exists, and
+    // is itself a symlink, is left alone.
+    let target = dir.join("target.json");
+    std::fs::write(&target, "old").unwrap();
+    let link = dir.join("r.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("r.json.tmp")).unwrap();
+    short_run_reporting_to(&link);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    check_report_shape(&read_report(&target), 2);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["fifo", "r.json", "r.json.tmp", "target.json", "victim"]
+    );
+}
+
+#[test]
+fn sighup_stops_the_run_and_writes_the_report() {
+    if !common::kvm_available("sighup_stops_the_run_and_writes_the_report") {
+        return;
+    }
+    stops_cleanly_on(Signal::SIGHUP);
 }

@@ -68,18 +68,13 @@ fn sequential_writer_is_tracked_exactly(log: DirtyLog) {
         "reader or idle pages reported"
     );
     if log == DirtyLog::Ring {
-        let vcpu0 = machine.tracker().vcpu(0);
-        let harvested = vcpu0.harvested.load(std::sync::atomic::Ordering::Relaxed);
+        let harvested = machine.tracker().vcpu(0).snapshot().harvested;
         // Every page is written once, so every write is a first write: one entry each.
         assert!(
             (written..=written + 1).contains(&harvested),
             "harvested {harvested} entries for {written} pages written"
         );
-        let reader = machine
-            .tracker()
-            .vcpu(1)
-            .harvested
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let reader = machine.tracker().vcpu(1).snapshot().harvested;
         assert_eq!(reader, 0, "the reader's ring had entries");
     }
     assert_eq!(machine.tracker().wedged_rings(), 0);
@@ -140,11 +135,7 @@ fn flush_makes_every_write_visible() {
     // write is a first write and gets its own ring entry.
     let written = machine.guest_stats()[0].pages_written;
     assert!(reaper.flush());
-    let harvested = machine
-        .tracker()
-        .vcpu(0)
-        .harvested
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let harvested = machine.tracker().vcpu(0).snapshot().harvested;
     // Every write counted before the flush began is harvested when it returns.
     assert!(
         harvested >= written,
@@ -182,10 +173,7 @@ fn overflowing_ring_is_detected_and_recovered() {
         "the run did not end on time"
     );
     let tracker = machine.tracker();
-    let ring_full: u64 = tracker
-        .vcpu(0)
-        .ring_full_exits
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let ring_full: u64 = tracker.vcpu(0).snapshot().ring_full_exits;
     assert!(ring_full > 0, "the writer never filled its ring");
     match stop_reason {
         None => {
@@ -195,10 +183,7 @@ fn overflowing_ring_is_detected_and_recovered() {
                 "writer stalled: {progress:?}"
             );
             if tracker.wedged_rings() > 0 {
-                let lost = tracker
-                    .vcpu(0)
-                    .lost_entries
-                    .load(std::sync::atomic::Ordering::Relaxed);
+                let lost = tracker.vcpu(0).snapshot().lost_entries;
                 eprintln!(
                     "{} overflows, {lost} entries lost, all recovered",
                     tracker.wedged_rings()

@@ -224,12 +224,18 @@ fn the_lowest_limits_never_freeze_the_writer() {
     machine.shutdown().unwrap();
 
     // The first second pays for the burst before the controller knew the writer's rate.
-    for (i, &rate) in quota.iter().enumerate().skip(2) {
-        assert!(
-            (0.8..=1.2).contains(&rate),
-            "quota, 1 MiB/s: second {i} at {rate:.2} MiB/s ({quota:.2?})"
-        );
-    }
+    // After it, a second can be off by a burst (what the writer dirties in a kick's latency,
+    // up to a few hundred pages here, paid back with a longer sleep): over four seconds the
+    // writer is at its limit, and it never stands still for two.
+    let held: f64 = quota[2..].iter().sum::<f64>() / 4.0;
+    assert!(
+        (0.85..=1.15).contains(&held),
+        "quota, 1 MiB/s: {held:.2} MiB/s over seconds 2-5 ({quota:.2?})"
+    );
+    assert!(
+        quota[1..].windows(2).all(|w| w[0] + w[1] > 0.0),
+        "quota, 1 MiB/s: the writer stood still for two seconds in a row ({quota:.2?})"
+    );
     assert!(
         reference.windows(2).all(|w| w[0] + w[1] > 0.0),
         "reference, 2 MiB/s: the writer stood still for two seconds in a row ({reference:.1?})"

@@ -1331,3 +1331,83 @@ fn bitmap_vm_answers_like_qemu_without_a_dirty_ring() {
     exits_cleanly(&mut vm, "SIGTERM received");
     eprintln!("  bitmap VM: {} ms", t0.elapsed().as_millis());
 }
+
+// ---------------------------------------------------------------------------------------
+// Clients that would keep dirtyvm from exiting.
+
+/// Sends one byte every 50 ms until the server closes the connection or `for_at_most`
+/// passes; returns when it stopped.
+fn trickle(mut writer: UnixStream, for_at_most: Duration) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let end = Instant::now() + for_at_most;
+        while Instant::now() < end && writer.write_all(b" ").is_ok() {
+            sleep(Duration::from_millis(50));
+        }
+    })
+}
+
+#[test]
+fn a_trickling_client_cannot_hold_the_exit_after_quit() {
+    if !common::kvm_available("a_trickling_client_cannot_hold_the_exit_after_quit") {
+        return;
+    }
+    let _turn = common::one_vm_at_a_time();
+    let mut vm = Vm::start("trickle-quit", &[]);
+    let mut qmp = vm.client();
+    qmp.send_json(&json!({"execute": "quit"}));
+    assert_eq!(qmp.message(), json!({"return": {}}));
+    let quit_at = Instant::now();
+    let sender = trickle(qmp.writer.try_clone().unwrap(), Duration::from_secs(30));
+    exits_cleanly(&mut vm, "quit requested");
+    let took = quit_at.elapsed();
+    // Before: 20-25 s, as long as the client kept sending. Exiting is well under a second
+    // here; the bound leaves room for a loaded host.
+    assert!(
+        took < Duration::from_secs(5),
+        "exit took {took:?} after quit"
+    );
+    sender.join().unwrap();
+}
+
+#[test]
+fn an_oversized_message_cannot_stretch_the_run() {
+    if !common::kvm_available("an_oversized_message_cannot_stretch_the_run") {
+        return;
+    }
+    let _turn = common::one_vm_at_a_time();
+    let mut vm = Vm::start("trickle-oversized", &["--duration", "3"]);
+    let started = Instant::now();
+    let mut qmp = vm.client();
+    let mut huge = b"{\"execute\": \"query-status\", \"id\": \"".to_vec();
+    huge.resize(huge.len() + (2 << 20), b'a');
+    qmp.send(&huge);
+    assert_eq!(
+        qmp.message(),
+        json!({"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}})
+    );
+    let sender = trickle(qmp.writer.try_clone().unwrap(), Duration::from_secs(30));
+    let exited = vm.exit(Duration::from_secs(20));
+    assert_eq!(exited.status.code(), Some(0), "{}", exited.describe());
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "a --duration 3 run took {took:?}:\n{}",
+        exited.describe()
+    );
+    sender.join().unwrap();
+}
+
+#[test]
+fn sighup_stops_the_vm_like_sigterm_and_removes_the_socket() {
+    if !common::kvm_available("sighup_stops_the_vm_like_sigterm_and_removes_the_socket") {
+        return;
+    }
+    let _turn = common::one_vm_at_a_time();
+    let mut vm = Vm::start("sighup", &[]);
+    let mut qmp = vm.client();
+    kill(Pid::from_raw(vm.pid() as i32), Signal::SIGHUP).unwrap();
+    let data = check_event(&qmp.message(), "SHUTDOWN");
+    assert_eq!(data, json!({"guest": false, "reason": "host-signal"}));
+    exits_cleanly(&mut vm, "SIGHUP received");
+    assert!(!vm.socket.exists(), "the socket is left behind");
+}

@@ -49,7 +49,7 @@ fn writer_dirties_its_region_reader_and_idle_do_not() {
     }
     let written = first_bytes(&machine, 0);
     let read = first_bytes(&machine, 1);
-    let hlt_exits = machine.vcpus()[2].exits.hlt.load(Ordering::Relaxed);
+    let hlt_exits = machine.vcpus()[2].exits.snapshot().hlt;
     machine.shutdown().unwrap();
 
     assert!(

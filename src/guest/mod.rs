@@ -19,14 +19,15 @@
 pub mod programs;
 mod workload;
 
-pub use workload::{parse_size, Size, SpecError, Workload};
+pub use workload::{parse_size, parse_working_set, Size, SpecError, Workload, MIN_PACE_MIBPS};
 
 use std::fmt;
 use std::sync::atomic::Ordering;
 
 use dirtyvm_sys as sys;
 
-use crate::kvm::{GuestMemory, PAGE_SIZE};
+use crate::kvm::GuestMemory;
+use crate::units::PAGE_SIZE;
 
 /// Slot id of the system slot (page tables, GDT, code, stats).
 pub const SYSTEM_SLOT: u16 = 0;
@@ -99,8 +100,13 @@ pub enum LayoutError {
     TooManyWorkloads { workloads: usize, vcpus: u32 },
     /// `--memory` zero, not whole pages, or above [`MAX_MEMORY`].
     BadMemory { memory: u64 },
-    /// The working sets together exceed guest memory.
-    DoesNotFit { needed: u64, memory: u64 },
+    /// The working sets together exceed guest memory; `needed` is `None` when their sum
+    /// does not even fit in 64 bits.
+    DoesNotFit {
+        sizes: Vec<u64>,
+        needed: Option<u64>,
+        memory: u64,
+    },
 }
 
 impl fmt::Display for LayoutError {
@@ -124,13 +130,21 @@ impl fmt::Display for LayoutError {
                 Size(memory),
                 Size(MAX_MEMORY)
             ),
-            LayoutError::DoesNotFit { needed, memory } => write!(
-                f,
-                "the working sets need {} but --memory is {}; shrink the workloads or raise \
-                 --memory",
-                Size(needed),
-                Size(memory)
-            ),
+            LayoutError::DoesNotFit {
+                ref sizes,
+                needed,
+                memory,
+            } => {
+                let sizes: Vec<String> = sizes.iter().map(|&s| Size(s).to_string()).collect();
+                let needed = needed.map_or("more than 16 EiB".into(), |n| Size(n).to_string());
+                write!(
+                    f,
+                    "the working sets ({}) need {needed} but --memory is {}; shrink the \
+                     workloads or raise --memory",
+                    sizes.join(" + "),
+                    Size(memory)
+                )
+            }
         }
     }
 }
@@ -190,9 +204,16 @@ impl Layout {
         if memory == 0 || !memory.is_multiple_of(PAGE_SIZE) || memory > MAX_MEMORY {
             return Err(LayoutError::BadMemory { memory });
         }
-        let needed: u64 = workloads.iter().map(Workload::working_set).sum();
-        if needed > memory {
-            return Err(LayoutError::DoesNotFit { needed, memory });
+        let sizes: Vec<u64> = workloads.iter().map(Workload::working_set).collect();
+        let needed = sizes
+            .iter()
+            .try_fold(0u64, |sum, &size| sum.checked_add(size));
+        if needed.is_none_or(|needed| needed > memory) {
+            return Err(LayoutError::DoesNotFit {
+                sizes,
+                needed,
+                memory,
+            });
         }
         let mut ram_offset = 0;
         let plans = (0..vcpus)
@@ -394,7 +415,16 @@ mod tests {
         );
         let e = Layout::new(2, 64 << 20, &[w("write:64M"), w("read:4K")]).unwrap_err();
         assert!(
-            e.to_string().contains("need 65540K but --memory is 64M"),
+            e.to_string()
+                .contains("(64M + 4K) need 65540K but --memory is 64M"),
+            "{e}"
+        );
+        // Sizes whose sum wraps around 64 bits do not fit either.
+        let huge = w("write:8589934592G");
+        let e = Layout::new(2, 64 << 20, &[huge, huge]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("(8589934592G + 8589934592G) need more than 16 EiB"),
             "{e}"
         );
         let e = Layout::new(1, 128 << 30, &[]).unwrap_err();

@@ -3,7 +3,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::kvm::PAGE_SIZE;
+use crate::units::PAGE_SIZE;
+
+/// The slowest pace a writer takes, MiB/s (2.56 pages a second): slower paces would need
+/// TSC deadlines so far apart that the guest's deadline arithmetic could wrap.
+pub const MIN_PACE_MIBPS: f64 = 0.01;
 
 /// What a vCPU's built-in guest program does.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,7 +99,10 @@ impl FromStr for Workload {
             parse_working_set(size).map_err(|e| SpecError(format!("workload '{spec}': {e}")))?;
         let mibps = pace
             .map(|p| match p.parse::<f64>() {
-                Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+                Ok(v) if v.is_finite() && v >= MIN_PACE_MIBPS => Ok(v),
+                Ok(v) if v.is_finite() && v > 0.0 => Err(SpecError(format!(
+                    "workload '{spec}': pace '{p}' is below the slowest pace a writer keeps,                      {MIN_PACE_MIBPS} MiB/s"
+                ))),
                 _ => Err(SpecError(format!(
                     "workload '{spec}': pace '{p}' is not a positive number of MiB/s"
                 ))),
@@ -116,7 +123,8 @@ impl FromStr for Workload {
     }
 }
 
-fn parse_working_set(text: &str) -> Result<u64, SpecError> {
+/// Parses a working-set size: a positive whole number of pages, as [`parse_size`] reads it.
+pub fn parse_working_set(text: &str) -> Result<u64, SpecError> {
     let bytes = parse_size(text)?;
     if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE) {
         return Err(SpecError(format!(
@@ -218,6 +226,8 @@ mod tests {
             ("write:0", "multiple of 4K"),
             ("write:1M@fast", "pace 'fast'"),
             ("write:1M@-3", "pace '-3'"),
+            ("write:64M@1e-13", "below the slowest pace"),
+            ("random-write:64M@0.009", "below the slowest pace"),
             ("read:1M@5", "read takes no pace"),
             ("idle:1M", "idle takes no size"),
         ];

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use super::PAGE_SIZE;
+use crate::units::PAGE_SIZE;
 
 /// Host memory backing a guest memory slot. Cloning shares the mapping.
 ///

@@ -33,8 +33,7 @@ use std::sync::{Arc, Mutex};
 use dirtyvm_sys as sys;
 use memmap2::{MmapOptions, MmapRaw};
 
-/// Size of a guest (and host) page.
-pub const PAGE_SIZE: u64 = 4096;
+use crate::units::PAGE_SIZE;
 
 /// `ioctl` with no argument or an integer argument passed by value.
 ///

@@ -2,7 +2,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -12,20 +11,22 @@ use serde::Serialize;
 use super::quota::Quota;
 use super::reference::{self, Reference};
 use super::throttle::{self, AutoConverge};
-use super::{Decision, DutyCycle, LimitAlgo, Usage, MAX_RECHECK};
-use crate::report::pages_to_mibps;
+use super::{Decision, DutyCycle, LimitAlgo, Usage, MAX_LIMIT_MIBPS, MAX_RECHECK, MIN_LIMIT_MIBPS};
 use crate::sched::{self, Policy};
 use crate::tracking::{DirtyLog, Tracker};
-use crate::vcpu::{monotonic_ns, VcpuControl};
+use crate::units::{monotonic_ns, pages_to_mibps, PAGES_PER_MIB};
+use crate::vcpu::VcpuControl;
 
 /// `SCHED_FIFO` priority of the controller: above the reaper (its kicks are its precision).
 const CONTROLLER_PRIORITY: i32 = 20;
 /// Current rates are measured over this trailing window.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
-/// One point of the time series per vCPU this often.
+/// One point of the time series per limited vCPU this often, to begin with.
 const SERIES_EVERY: Duration = Duration::from_millis(250);
-/// Pages per MiB.
-const PAGES_PER_MIB: f64 = 256.0;
+/// The most points the series keeps. When it is full, every other round of points is
+/// dropped and the interval doubles: memory stays bounded for any run length and vCPU
+/// count, and the series still spans the whole run, at a resolution that coarsens with it.
+const MAX_SERIES_POINTS: usize = 1 << 16;
 /// Starting guess of the kick-to-exit latency, seconds (measured here at about 0.1 ms).
 const INITIAL_LATENCY: f64 = 0.0002;
 /// The longest latency sample believed: 5-10 ms is what a vCPU waits for a busy core here.
@@ -43,7 +44,7 @@ pub enum LimitError {
     NeedsTracking,
     /// No such vCPU.
     BadVcpu(u32),
-    /// A limit of zero (use cancel) or not a finite positive number.
+    /// A limit outside [`MIN_LIMIT_MIBPS`, `MAX_LIMIT_MIBPS`] (use cancel to lift one).
     BadRate(String),
     /// A throttle percentage above 99.
     BadPercent(u8),
@@ -62,9 +63,10 @@ impl fmt::Display for LimitError {
                 f.write_str("auto-converge needs dirty tracking (--dirty-log ring or bitmap)")
             }
             LimitError::BadVcpu(_) => f.write_str("incorrect cpu index specified"),
-            LimitError::BadRate(text) => {
-                write!(f, "dirty limit {text} is not a positive rate in MiB/s")
-            }
+            LimitError::BadRate(text) => write!(
+                f,
+                "dirty limit {text} MiB/s is out of range [{MIN_LIMIT_MIBPS}, {MAX_LIMIT_MIBPS}]"
+            ),
             LimitError::BadPercent(p) => {
                 write!(f, "auto-converge percentage {p} is out of range [0, 99]")
             }
@@ -186,6 +188,7 @@ struct State {
     changed: bool,
     policy: Option<Policy>,
     series: Vec<SeriesPoint>,
+    series_every: Duration,
     next_series: Instant,
 }
 
@@ -263,6 +266,7 @@ impl DirtyLimiter {
                     changed: false,
                     policy: None,
                     series: Vec::new(),
+                    series_every: SERIES_EVERY,
                     next_series: now,
                 }),
                 wake: Condvar::new(),
@@ -293,9 +297,7 @@ impl DirtyLimiter {
         if self.shared.tracker.log() != DirtyLog::Ring {
             return Err(LimitError::NeedsRing);
         }
-        if !(mibps.is_finite() && mibps > 0.0) {
-            return Err(LimitError::BadRate(mibps.to_string()));
-        }
+        check_rate(mibps)?;
         let ids = self.check_vcpu(vcpu)?;
         let algo = algo.unwrap_or(self.shared.default_algo);
         let mut state = self.shared.lock();
@@ -345,9 +347,7 @@ impl DirtyLimiter {
     /// Sets the auto-converge throttle: `Some(target)` raises the percentage step by step
     /// until the VM's dirty rate is under `target` MiB/s.
     pub fn set_auto_converge(&self, target_mibps: f64) -> Result<(), LimitError> {
-        if !(target_mibps.is_finite() && target_mibps > 0.0) {
-            return Err(LimitError::BadRate(target_mibps.to_string()));
-        }
+        check_rate(target_mibps)?;
         self.set_throttle(AutoConverge {
             percent: 0,
             target_mibps: Some(target_mibps),
@@ -414,7 +414,10 @@ impl DirtyLimiter {
             .spawn(move || controller(&shared))
         {
             Ok(handle) => state.thread = Some(handle),
-            Err(e) => eprintln!("dirtyvm: error: cannot start the dirty-limit controller: {e}"),
+            Err(e) => crate::console::message(
+                "error",
+                format_args!("cannot start the dirty-limit controller: {e}"),
+            ),
         }
     }
 
@@ -489,6 +492,14 @@ impl DirtyLimiter {
     }
 }
 
+fn check_rate(mibps: f64) -> Result<(), LimitError> {
+    if (MIN_LIMIT_MIBPS..=MAX_LIMIT_MIBPS).contains(&mibps) {
+        Ok(())
+    } else {
+        Err(LimitError::BadRate(mibps.to_string()))
+    }
+}
+
 /// Seconds a strategy asked for as a duration of at most [`MAX_SLEEP`]; NaN and negative
 /// numbers are no time at all. No number a strategy computes can panic the controller.
 fn seconds_to_duration(seconds: f64) -> Duration {
@@ -513,8 +524,8 @@ fn trailing_rate(history: &VecDeque<Sample>) -> f64 {
 fn controller(shared: &Shared) {
     let (policy, refused) = sched::try_fifo(CONTROLLER_PRIORITY);
     if let Some(e) = refused {
-        eprintln!(
-            "dirtyvm: warning: the dirty-limit controller runs at normal priority \
+        warn!(
+            "the dirty-limit controller runs at normal priority \
              (SCHED_FIFO refused: {e}); its kicks may come late"
         );
     }
@@ -571,11 +582,7 @@ fn control_round(shared: &Shared, state: &mut State) {
         let control = &shared.vcpus[id];
         let sample = Sample {
             at: now,
-            harvested: shared
-                .tracker
-                .vcpu(id as u32)
-                .harvested
-                .load(Ordering::Relaxed),
+            harvested: shared.tracker.vcpu(id as u32).snapshot().harvested,
             slept_ns: control.penalty_ns(now_ns),
         };
         let usage = v.last.map_or(Usage::default(), |last| {
@@ -670,8 +677,25 @@ fn control_round(shared: &Shared, state: &mut State) {
     }
     if now >= state.next_series {
         record_series(shared, state, now, now_ns);
-        state.next_series = now + SERIES_EVERY;
+        if state.series.len() > MAX_SERIES_POINTS {
+            thin_out(&mut state.series);
+            state.series_every *= 2;
+        }
+        state.next_series = now + state.series_every;
     }
+}
+
+/// Drops every other round of points (a round: the points recorded at one time).
+fn thin_out(series: &mut Vec<SeriesPoint>) {
+    let mut round = 0;
+    let mut last_t = None;
+    series.retain(|p| {
+        if last_t.is_some_and(|t| t != p.t_s) {
+            round += 1;
+        }
+        last_t = Some(p.t_s);
+        round % 2 == 0
+    });
 }
 
 fn record_series(shared: &Shared, state: &mut State, now: Instant, now_ns: u64) {
@@ -692,5 +716,44 @@ fn record_series(shared: &Shared, state: &mut State, now: Instant, now_ns: u64) 
             penalty_ms,
             throttle_pct,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_series_stays_bounded_and_spans_the_run() {
+        // 1024 limited vCPUs recorded every 250 ms for an hour, with the thinning the
+        // controller does.
+        let mut series = Vec::new();
+        let mut every = SERIES_EVERY;
+        let mut t = Duration::ZERO;
+        while t < Duration::from_secs(3600) {
+            series.extend((0..1024).map(|vcpu| SeriesPoint {
+                t_s: t.as_secs_f64(),
+                vcpu,
+                rate_mibps: 1.0,
+                limit_mibps: Some(1.0),
+                penalty_ms: 0.0,
+                throttle_pct: None,
+            }));
+            if series.len() > MAX_SERIES_POINTS {
+                thin_out(&mut series);
+                every *= 2;
+            }
+            t += every;
+        }
+        assert!(series.len() <= MAX_SERIES_POINTS, "{} points", series.len());
+        assert_eq!(series[0].t_s, 0.0);
+        let last = series.last().unwrap().t_s;
+        assert!(last > 3000.0, "the series ends at {last} s");
+        // Whole rounds are kept: every vCPU at every time that is kept.
+        assert_eq!(series.len() % 1024, 0);
+        assert!(series.chunks(1024).all(|round| round
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.vcpu == i as u32 && p.t_s == round[0].t_s)));
     }
 }

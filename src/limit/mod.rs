@@ -39,6 +39,11 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+/// The lowest dirty limit, MiB/s: QEMU's lowest `vcpu-dirty-limit`.
+pub const MIN_LIMIT_MIBPS: f64 = 1.0;
+/// The highest dirty limit, MiB/s (1 TiB/s: far above what any vCPU dirties).
+pub const MAX_LIMIT_MIBPS: f64 = 1_048_576.0;
+
 /// The longest a strategy waits before looking at a running vCPU again, seconds.
 pub const MAX_RECHECK: f64 = 0.020;
 

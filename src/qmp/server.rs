@@ -2,7 +2,8 @@
 //!
 //! The thread polls (accept on a non-blocking listener, reads with a timeout) so that
 //! [`Server::stop`] and [`Server::notify_shutdown`] take effect within [`POLL`] whatever
-//! the client does; a client that stops reading is dropped after [`WRITE_TIMEOUT`].
+//! the client does (a client that trickles bytes forever included); a client that stops
+//! reading is dropped after [`WRITE_TIMEOUT`].
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -17,13 +18,18 @@ use std::time::Duration;
 use super::protocol::{host_shutdown_event, Session};
 use super::Backend;
 
+/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
 /// How long the server thread waits for a client or for input before looking at its flags.
 const POLL: Duration = Duration::from_millis(100);
 /// How long a client may leave replies unread before it is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+const WRITE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Input read and discarded after the server ends a session, so that a client still
-/// sending sees its reply and an orderly end of stream rather than a reset.
+/// sending sees its reply and an orderly end of stream rather than a reset: at most this
+/// much, for at most [`LINGER_TIME`], and not once the server is stopping.
 const LINGER_BYTES: usize = 16 << 20;
+/// See [`LINGER_BYTES`].
+const LINGER_TIME: Duration = Duration::from_secs(1);
 
 /// A QMP server on a Unix socket. Stopping it (or dropping it) joins the thread and removes
 /// the socket file.
@@ -44,19 +50,47 @@ struct Flags {
 }
 
 impl Server {
+    /// Checks that a server can listen at `path` (see [`Server::spawn`]), without touching
+    /// it; the error says why not, without repeating the path.
+    pub fn check_path(path: &Path) -> io::Result<()> {
+        let invalid = |reason: String| io::Error::new(io::ErrorKind::InvalidInput, reason);
+        let length = path.as_os_str().len();
+        if length == 0 {
+            return Err(invalid("the path is empty".into()));
+        }
+        if length > MAX_SOCKET_PATH {
+            return Err(invalid(format!(
+                "the path is {length} bytes long; a Unix socket path holds at most \
+                 {MAX_SOCKET_PATH} (use a shorter path or a relative one)"
+            )));
+        }
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        match fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(invalid(format!("{} is not a directory", dir.display()))),
+            Err(e) => return Err(invalid(format!("directory {}: {e}", dir.display()))),
+        }
+        match socket_in_use(path)? {
+            false => Ok(()),
+            true => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process serves QMP there: stop it or choose another path",
+            )),
+        }
+    }
+
     /// Listens at `path` and serves clients on a thread named `qmp`. A socket file left by a
     /// process that died is replaced; a live one, or any other file, is an error.
     pub fn spawn(path: &Path, backend: Arc<dyn Backend>) -> io::Result<Server> {
-        remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(|error| {
-            io::Error::new(
-                error.kind(),
-                format!(
-                    "cannot listen for QMP clients at {}: {error}",
-                    path.display()
-                ),
-            )
-        })?;
+        Server::check_path(path)?;
+        if fs::symlink_metadata(path).is_ok() {
+            // A socket nobody listens on (check_path refused anything else).
+            fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
         listener.set_nonblocking(true)?;
         let bound = fs::symlink_metadata(path)?;
         let flags = Arc::new(Flags::default());
@@ -119,37 +153,26 @@ impl Flags {
     }
 }
 
-/// Makes way for the socket: nothing there, or a socket nobody listens on any more.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
+/// Whether a live server listens at `path`: false for nothing there or a socket left by a
+/// process that died; an error for any other file.
+fn socket_in_use(path: &Path) -> io::Result<bool> {
     let file = match fs::symlink_metadata(path) {
         Ok(file) => file,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(error) => return Err(error),
     };
     if !file.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!(
-                "{} exists and is not a socket: remove it or choose another QMP path",
-                path.display()
-            ),
+            "a file that is not a socket is there: remove it or choose another path",
         ));
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "another process serves QMP at {}: stop it or choose another path",
-                path.display()
-            ),
-        )),
-        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(path),
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => Ok(false),
         Err(error) => Err(io::Error::new(
             error.kind(),
-            format!(
-                "cannot tell whether the socket {} is in use: {error}",
-                path.display()
-            ),
+            format!("cannot tell whether the socket there is in use: {error}"),
         )),
     }
 }
@@ -200,7 +223,7 @@ fn serve_client(
         let output = session.feed(&input[..read]);
         send(&mut client, &output.lines)?;
         if output.close {
-            linger(client, &mut input);
+            linger(client, &mut input, flags);
             return Ok(());
         }
     }
@@ -226,13 +249,15 @@ fn send(client: &mut UnixStream, lines: &[String]) -> io::Result<()> {
 }
 
 /// Ends a session the server chose to end: end of stream to the client, then its remaining
-/// input discarded until it closes, goes quiet for [`POLL`], or sends [`LINGER_BYTES`].
-fn linger(mut client: UnixStream, input: &mut [u8]) {
+/// input discarded until it closes, goes quiet for [`POLL`], sends [`LINGER_BYTES`], or
+/// [`LINGER_TIME`] passes, or the server is stopping.
+fn linger(mut client: UnixStream, input: &mut [u8], flags: &Flags) {
     if client.shutdown(std::net::Shutdown::Write).is_err() {
         return;
     }
+    let deadline = std::time::Instant::now() + LINGER_TIME;
     let mut discarded = 0;
-    while discarded < LINGER_BYTES {
+    while discarded < LINGER_BYTES && std::time::Instant::now() < deadline && !flags.stopping() {
         match client.read(input) {
             Ok(0) => return,
             Ok(read) => discarded += read,

@@ -1,6 +1,5 @@
 //! The [`Backend`] over a running [`Machine`]: QMP commands mapped onto the VMM.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -157,7 +156,7 @@ impl Backend for MachineBackend {
             .zip(self.machine.layout().vcpus())
             .map(|((control, s), plan)| {
                 let id = control.id();
-                let dirty = tracker.vcpu(id);
+                let dirty = tracker.vcpu(id).snapshot();
                 let penalty = self.machine.limiter().penalty(id);
                 json!({
                     "cpu-index": id,
@@ -165,10 +164,10 @@ impl Backend for MachineBackend {
                     "pages-written": s.pages_written,
                     "pages-read": s.pages_read,
                     "passes": s.passes,
-                    "dirty-pages-harvested": dirty.harvested.load(Ordering::Relaxed),
+                    "dirty-pages-harvested": dirty.harvested,
                     "dirty-rate-mibps": estimates.get(id as usize).map_or(0.0, |e| e.smoothed_mibps),
-                    "ring-full-exits": dirty.ring_full_exits.load(Ordering::Relaxed),
-                    "ring-overflows": dirty.overflows.load(Ordering::Relaxed),
+                    "ring-full-exits": dirty.ring_full_exits,
+                    "ring-overflows": dirty.overflows,
                     "penalty-ms-total": penalty.ms_total,
                     "penalty-ms-per-s": penalty.ms_per_s,
                 })

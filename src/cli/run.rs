@@ -1,0 +1,442 @@
+//! `dirtyvm run`: the checked plan, then the run: progress lines, dirty-rate measurements,
+//! QMP, the summary and the report.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, Signal};
+
+use super::{Failure, RunArgs};
+use crate::guest::{self, GuestStats, Workload};
+use crate::output::OutputFile;
+use crate::qmp::{MachineBackend, Server};
+use crate::rate::{
+    Measurement, RateMode, RateRequest, RateStatus, DEFAULT_SAMPLE_PAGES, MAX_SAMPLE_PAGES,
+    MIN_SAMPLE_PAGES,
+};
+use crate::report::Report;
+use crate::tracking::DirtyLog;
+use crate::units::pages_to_mibps;
+use crate::vcpu::{Stop, StopReason};
+use crate::vmm::{Machine, VmConfig};
+
+/// What `run` was asked to do, checked: everything here can be attempted.
+#[derive(Debug)]
+pub struct RunPlan {
+    /// The VM.
+    pub vm: VmConfig,
+    /// How long to run; until a signal or `quit` when `None`.
+    pub duration: Option<Duration>,
+    /// Back-to-back dirty-rate measurements.
+    pub rate: Option<RateRequest>,
+    /// Dirty control from the start.
+    pub control: Control,
+    /// Where the report goes.
+    pub report: Option<OutputFile>,
+    /// Where QMP listens.
+    pub qmp: Option<PathBuf>,
+}
+
+/// Dirty control from the start of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// None.
+    None,
+    /// Per-vCPU limits, MiB/s: every vCPU (`None`), then single vCPUs.
+    Limits(Vec<(Option<u32>, f64)>),
+    /// Auto-converge to get the VM under this many MiB/s.
+    AutoConverge(f64),
+}
+
+impl TryFrom<RunArgs> for RunPlan {
+    type Error = Failure;
+
+    fn try_from(args: RunArgs) -> Result<RunPlan, Failure> {
+        if args.ring_entries.is_some() && args.dirty_log != DirtyLog::Ring {
+            return Err(Failure::usage(format!(
+                "--ring-entries needs --dirty-log ring (the dirty log is {})",
+                args.dirty_log.name()
+            )));
+        }
+        let rate = match args.calc_dirty_rate {
+            None if args.sample_pages.is_some() => {
+                return Err(Failure::usage(
+                    "--sample-pages is used only with --calc-dirty-rate page-sampling",
+                ))
+            }
+            None => None,
+            Some(spec) => {
+                let sample_pages = match args.sample_pages {
+                    None => DEFAULT_SAMPLE_PAGES,
+                    Some(_) if spec.mode != RateMode::PageSampling => {
+                        return Err(Failure::usage(format!(
+                            "--sample-pages is used only in page-sampling mode, not {}",
+                            spec.mode
+                        )))
+                    }
+                    Some(n) => u64::try_from(n)
+                        .ok()
+                        .filter(|n| (MIN_SAMPLE_PAGES..=MAX_SAMPLE_PAGES).contains(n))
+                        .ok_or_else(|| {
+                            Failure::usage(format!(
+                                "--sample-pages {n} is out of range [{MIN_SAMPLE_PAGES}, \
+                                 {MAX_SAMPLE_PAGES}]"
+                            ))
+                        })?,
+                };
+                let request = RateRequest {
+                    mode: spec.mode,
+                    calc_time_ms: spec.calc_time_ms,
+                    sample_pages,
+                };
+                request.check(args.dirty_log).map_err(|e| {
+                    Failure::usage(format!(
+                        "--calc-dirty-rate {}: {e} (page-sampling works with any --dirty-log; \
+                         dirty-ring needs --dirty-log ring; dirty-bitmap needs --dirty-log \
+                         bitmap)",
+                        request.mode
+                    ))
+                })?;
+                if let Some(duration) = args.duration {
+                    if Duration::from_millis(request.calc_time_ms) > duration {
+                        return Err(Failure::usage(format!(
+                            "--calc-dirty-rate {}:{}: a {} ms window does not fit in \
+                             --duration {} s; shorten the window or run longer",
+                            request.mode,
+                            request.calc_time_ms,
+                            request.calc_time_ms,
+                            duration.as_secs_f64()
+                        )));
+                    }
+                }
+                Some(request)
+            }
+        };
+        let control = control(&args)?;
+        let report = args
+            .report
+            .as_deref()
+            .map(|path| OutputFile::check("--report", path))
+            .transpose()?;
+        if let Some(path) = &args.qmp {
+            Server::check_path(path)
+                .map_err(|e| Failure::usage(format!("--qmp {}: {e}", path.display())))?;
+        }
+        Ok(RunPlan {
+            vm: VmConfig {
+                vcpus: args.vcpus,
+                memory: args.memory,
+                workloads: args.workloads,
+                dirty_log: args.dirty_log,
+                ring_entries: args.ring_entries,
+                reaper: args.reaper,
+                limit_algo: args.limit_algo,
+            },
+            duration: args.duration,
+            rate,
+            control,
+            report,
+            qmp: args.qmp,
+        })
+    }
+}
+
+/// The limits or throttle `args` ask for, checked against each other and the VM.
+fn control(args: &RunArgs) -> Result<Control, Failure> {
+    let mut seen = Vec::new();
+    for &(id, _) in &args.vcpu_dirty_limit {
+        if id >= args.vcpus {
+            return Err(Failure::usage(format!(
+                "--vcpu-dirty-limit {id}=...: there is no vCPU {id} (vCPUs are 0 to {})",
+                args.vcpus.saturating_sub(1)
+            )));
+        }
+        if seen.contains(&id) {
+            return Err(Failure::usage(format!(
+                "--vcpu-dirty-limit {id}=... is given twice; give each vCPU one limit"
+            )));
+        }
+        seen.push(id);
+    }
+    let control = match (args.throttle.is_some(), args.dirty_limit) {
+        (true, Some(target)) if args.vcpu_dirty_limit.is_empty() => Control::AutoConverge(target),
+        (true, _) => {
+            return Err(Failure::usage(
+                "--throttle auto-converge needs --dirty-limit MIBPS (the VM rate to get under) \
+                 and no --vcpu-dirty-limit",
+            ))
+        }
+        (false, None) if args.vcpu_dirty_limit.is_empty() => Control::None,
+        (false, all) => Control::Limits(
+            all.map(|mibps| (None, mibps))
+                .into_iter()
+                .chain(args.vcpu_dirty_limit.iter().map(|&(id, m)| (Some(id), m)))
+                .collect(),
+        ),
+    };
+    match (&control, args.dirty_log) {
+        (Control::None, _) => {}
+        (_, DirtyLog::None) => {
+            return Err(Failure::usage(
+                "a dirty limit needs dirty tracking: use --dirty-log ring (the default)",
+            ))
+        }
+        (Control::Limits(_), DirtyLog::Bitmap) => {
+            return Err(Failure::usage(
+                "per-vCPU dirty limits need --dirty-log ring (per-vCPU rings); the bitmap has \
+                 no per-vCPU split",
+            ))
+        }
+        _ => {}
+    }
+    Ok(control)
+}
+
+/// `dirtyvm run`.
+pub fn run(args: RunArgs) -> Result<(), Failure> {
+    // Block the stop signals before any thread exists, so every thread inherits the mask and
+    // only the waiter below receives them: a signal, or a closed terminal, is an orderly stop.
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals
+        .thread_block()
+        .map_err(|e| Failure::failed(format!("blocking SIGINT, SIGTERM and SIGHUP: {e}")))?;
+    let plan = RunPlan::try_from(args)?;
+
+    let machine = Arc::new(Machine::boot(&plan.vm)?);
+    let limiter = machine.limiter();
+    let controlled = match &plan.control {
+        Control::None => Ok(()),
+        Control::AutoConverge(target) => limiter.set_auto_converge(*target),
+        Control::Limits(limits) => limits
+            .iter()
+            .try_for_each(|&(id, mibps)| limiter.set_limit(id, mibps, None)),
+    };
+    if let Err(e) = controlled {
+        let _ = machine.shutdown();
+        return Err(Failure::usage(e.to_string()));
+    }
+    spawn_signal_waiter(signals, machine.stop().clone());
+    let qmp = match &plan.qmp {
+        Some(path) => match Server::spawn(path, Arc::new(MachineBackend::new(machine.clone()))) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                let _ = machine.shutdown();
+                return Err(Failure::failed(format!(
+                    "cannot serve QMP at {}: {e}",
+                    path.display()
+                )));
+            }
+        },
+        None => None,
+    };
+
+    let tracking = match (plan.vm.dirty_log, machine.tracker().ring_entries()) {
+        (DirtyLog::Ring, Some(entries)) => {
+            format!(
+                "dirty rings of {entries} entries, {} reaper",
+                plan.vm.reaper
+            )
+        }
+        (DirtyLog::Bitmap, _) => format!("dirty bitmap, {} reaper", plan.vm.reaper),
+        _ => "no dirty tracking".to_string(),
+    };
+    say!(
+        "dirtyvm: {} vCPUs, {} guest memory, {tracking}; {}",
+        plan.vm.vcpus,
+        guest::Size(plan.vm.memory),
+        match plan.duration {
+            Some(d) => format!("running for {:.1} s", d.as_secs_f64()),
+            None => "running until Ctrl-C".to_string(),
+        }
+    );
+    if let Some(path) = &plan.qmp {
+        say!("QMP listening on {}", path.display());
+    }
+    let (reason, measurements) = watch(&machine, plan.duration, plan.rate);
+    if let Some(server) = qmp {
+        if reason != StopReason::Quit {
+            server.notify_shutdown();
+        }
+        server.stop();
+    }
+    // The vCPUs stop and the rings are flushed before any counter is read, so the guests'
+    // counts and the harvested ones describe the same moment.
+    let shutdown = machine.shutdown();
+    let report = Report::new(&machine, &reason, measurements);
+    print_summary(&report);
+    if let Some(out) = &plan.report {
+        out.write(&report.to_json()).map_err(|e| {
+            Failure::failed(format!(
+                "writing the report to {}: {e}",
+                out.path().display()
+            ))
+        })?;
+        say!("report written to {}", out.path().display());
+    }
+    shutdown?;
+    match reason {
+        StopReason::VcpuFailed { .. } | StopReason::Failed(_) => {
+            Err(Failure::failed(reason.to_string()))
+        }
+        StopReason::Duration | StopReason::Signal(_) | StopReason::Quit => Ok(()),
+    }
+}
+
+fn spawn_signal_waiter(signals: SigSet, stop: Arc<Stop>) {
+    // Never joined: it waits in sigwait for the life of the process.
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                stop.request(StopReason::Signal(signal.as_str()));
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("no signal handling thread ({e}); stop with SIGKILL");
+    }
+}
+
+/// How often the launcher looks at the VM between progress lines.
+const TICK: Duration = Duration::from_millis(100);
+/// How often it prints a progress line per vCPU.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs until the VM stops: a progress line per vCPU each second, and back-to-back dirty-rate
+/// measurements when asked. Returns why it stopped and the measurements.
+fn watch(
+    machine: &Machine,
+    duration: Option<Duration>,
+    rate: Option<RateRequest>,
+) -> (StopReason, Vec<Measurement>) {
+    let deadline = duration.map(|d| machine.started() + d);
+    let mut progress = Progress::new(machine);
+    let mut measurements = Vec::new();
+    let mut measuring = false;
+    loop {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            let reason = machine.stop().reason().unwrap_or(StopReason::Duration);
+            return (reason, measurements);
+        }
+        let wait = deadline.map_or(TICK, |d| (d - now).min(TICK));
+        if let Some(reason) = machine.stop().wait_timeout(wait) {
+            return (reason, measurements);
+        }
+        if let Some(request) = rate {
+            let meter = machine.rate_meter();
+            if measuring && meter.state().status == RateStatus::Measured {
+                measuring = false;
+                if let Some(m) = meter.state().last {
+                    say!("  {m}");
+                    measurements.push(m);
+                }
+            }
+            // Start another only if it can finish before the run ends.
+            let room = deadline
+                .is_none_or(|d| Instant::now() + Duration::from_millis(request.calc_time_ms) < d);
+            if !measuring && room {
+                match meter.start(request) {
+                    Ok(()) => measuring = true,
+                    Err(e) => warn!("dirty-rate measurement: {e}"),
+                }
+            }
+        }
+        progress.print_if_due(machine);
+    }
+}
+
+/// The once-a-second progress lines.
+struct Progress {
+    last: Vec<GuestStats>,
+    last_harvested: Vec<u64>,
+    at: Instant,
+}
+
+impl Progress {
+    fn new(machine: &Machine) -> Progress {
+        say!(
+            "{:>7}  {:>4}  {:<24} {:>14} {:>14} {:>15}",
+            "time",
+            "vcpu",
+            "workload",
+            "written MiB/s",
+            "read MiB/s",
+            "harvested MiB/s"
+        );
+        Progress {
+            last: machine.guest_stats(),
+            last_harvested: harvested(machine),
+            at: Instant::now(),
+        }
+    }
+
+    fn print_if_due(&mut self, machine: &Machine) {
+        if self.at.elapsed() < PROGRESS_EVERY {
+            return;
+        }
+        let stats = machine.guest_stats();
+        let harvested = harvested(machine);
+        let secs = self.at.elapsed().as_secs_f64();
+        self.at = Instant::now();
+        let t = machine.started().elapsed().as_secs_f64();
+        let working = machine.layout().vcpus().iter().enumerate();
+        for (i, plan) in working.filter(|(_, plan)| plan.workload != Workload::Idle) {
+            let (now, before) = (&stats[i], &self.last[i]);
+            say!(
+                "{:>6.1}s  {:>4}  {:<24} {:>14.1} {:>14.1} {:>15.1}",
+                t,
+                plan.id,
+                plan.workload.to_string(),
+                pages_to_mibps(now.pages_written - before.pages_written, secs),
+                pages_to_mibps(now.pages_read - before.pages_read, secs),
+                pages_to_mibps(harvested[i] - self.last_harvested[i], secs),
+            );
+        }
+        self.last = stats;
+        self.last_harvested = harvested;
+    }
+}
+
+fn harvested(machine: &Machine) -> Vec<u64> {
+    (0..machine.vcpus().len() as u32)
+        .map(|id| machine.tracker().vcpu(id).snapshot().harvested)
+        .collect()
+}
+
+fn print_summary(report: &Report) {
+    say!(
+        "\nstopped after {:.2} s ({})",
+        report.duration_s,
+        report.stop_reason
+    );
+    say!(
+        "{:>4}  {:<24} {:>14} {:>14} {:>8} {:>14} {:>14}",
+        "vcpu",
+        "workload",
+        "pages written",
+        "pages read",
+        "passes",
+        "written MiB/s",
+        "read MiB/s"
+    );
+    let (idle, working): (Vec<_>, Vec<_>) = report.vcpus.iter().partition(|v| v.workload == "idle");
+    for v in working {
+        say!(
+            "{:>4}  {:<24} {:>14} {:>14} {:>8} {:>14.1} {:>14.1}",
+            v.id,
+            v.workload,
+            v.pages_written,
+            v.pages_read,
+            v.passes,
+            v.written_mibps,
+            v.read_mibps
+        );
+    }
+    if !idle.is_empty() {
+        say!("  and {} idle vCPUs", idle.len());
+    }
+}
