@@ -20,30 +20,17 @@
 //! (`harvest`), so that merging never becomes what limits how often the reaper can run.
 //! No KVM needed.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dirtyvm::bitmap::DirtyPageSet;
+use dirtyvm::tracking::DirtyPageSet;
 
 /// A 1 GiB slot of 4 KiB pages.
 const PAGES: u64 = 1 << 18;
 const WORDS: usize = (PAGES / 64) as usize;
-
-/// Every page of the slot once, in a pseudo-random order (a full-period LCG modulo PAGES).
-fn random_order() -> Vec<u64> {
-    let mut page = 12345 % PAGES;
-    (0..PAGES)
-        .map(|_| {
-            // a ≡ 1 (mod 4) and c odd: full period over a power-of-two modulus.
-            page = page
-                .wrapping_mul(0x5851_f42d_4c95_7f2d)
-                .wrapping_add(0x1405_7b7e_f767_814f)
-                % PAGES;
-            page
-        })
-        .collect()
-}
 
 fn dirty_set(c: &mut Criterion) {
     let mut group = c.benchmark_group("dirty_set");
@@ -71,7 +58,10 @@ fn dirty_set(c: &mut Criterion) {
     }
 
     let sequential: Vec<u64> = (0..PAGES).collect();
-    for (name, order) in [("sequential", sequential), ("random", random_order())] {
+    for (name, order) in [
+        ("sequential", sequential),
+        ("random", common::random_order(PAGES, 12345)),
+    ] {
         group.bench_function(BenchmarkId::new("mark", name), |b| {
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;

@@ -41,16 +41,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dirtyvm::guest::{self, GuestStats, Layout};
-use dirtyvm::kvm::{self, DirtyRingMap, GuestMemory, Kvm, Vm};
 use dirtyvm::ring::{Harvester, SlotBounds, SlotStore};
 use dirtyvm::tracking::{DirtyLog, Tracker};
-use dirtyvm::vcpu::{Stop, VcpuControl, VcpuThread};
+use dirtyvm::vm::guest::{self, GuestStats, Layout};
+use dirtyvm::vm::kvm::{self, DirtyRingMap, GuestMemory, Kvm, Vm};
+use dirtyvm::vm::vcpu::{StopRequest, VcpuControl, VcpuThread};
 use dirtyvm::vmm;
 
 const GIB: u64 = 1 << 30;
 const PAGE_SIZE: u64 = dirtyvm::units::PAGE_SIZE;
-/// The largest ring this host allows (HOST-NOTES); smaller if the host's is.
+/// The largest ring this host allows (docs/host.md); smaller if the host's is.
 const RING_ENTRIES: u32 = 65536;
 /// Entries per timed reset.
 const RESET_BATCHES: [u64; 2] = [1024, 16384];
@@ -118,7 +118,7 @@ impl BenchVm {
         // No tracking behind the vCPU: the bench harvests and resets by hand, and a writer
         // this short never fills a 65536-entry ring.
         let tracker = Arc::new(Tracker::new(vm.clone(), DirtyLog::None, Vec::new(), 1));
-        let vcpu = VcpuThread::spawn(vcpu, tracker, Arc::new(Stop::default()))
+        let vcpu = VcpuThread::spawn(vcpu, tracker, Arc::new(StopRequest::default()))
             .map_err(|e| format!("spawning the vCPU thread: {e}"))?;
         let bench = BenchVm {
             vcpu: Some(vcpu),
@@ -197,8 +197,8 @@ impl BenchVm {
                 h.bad_entries, 0,
                 "the kernel pushed entries outside guest RAM"
             );
-            harvested += h.harvested;
-            if h.harvested < ring.entries() {
+            harvested += h.collected;
+            if h.collected < ring.entries() {
                 return harvested;
             }
         }

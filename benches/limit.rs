@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use dirtyvm::limit::LimitAlgo;
-use dirtyvm::scenario::{self, Controller, ConvergenceRow};
+use dirtyvm::showcase::scenario::{self, Controller, ConvergenceRow};
 
 /// How long each scenario runs under the limit, and so the cap of its convergence time.
 const RUN: Duration = Duration::from_secs(6);

@@ -17,32 +17,19 @@
 //! page decides how cheap a measurement of a large guest is, and whether a faster hash
 //! would matter (it would not if the cold case is dominated by the loads). No KVM needed.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dirtyvm::kvm::GuestMemory;
 use dirtyvm::rate::hash_page;
 use dirtyvm::units::PAGE_SIZE;
+use dirtyvm::vm::kvm::GuestMemory;
 
 /// The cold region: 64Ki pages.
 const COLD_BYTES: usize = 256 << 20;
-
-/// Every page of `pages` (a power of two) once, in a pseudo-random order.
-fn random_order(pages: u64) -> Vec<u64> {
-    let mut page = 7 % pages;
-    (0..pages)
-        .map(|_| {
-            // a ≡ 1 (mod 4) and c odd: full period over a power-of-two modulus.
-            page = page
-                .wrapping_mul(0x5851_f42d_4c95_7f2d)
-                .wrapping_add(0x1405_7b7e_f767_814f)
-                % pages;
-            page
-        })
-        .collect()
-}
 
 /// Something done to one page of guest memory.
 type PageRoutine = fn(&GuestMemory, u64) -> u64;
@@ -79,7 +66,7 @@ fn sampling(c: &mut Criterion) {
     for page in 0..pages {
         cold.write_u64((page * PAGE_SIZE) as usize, page | 1);
     }
-    let order = random_order(pages);
+    let order = common::random_order(pages, 7);
     let routines: [(&str, PageRoutine); 2] = [("hash_page", hash_page), ("read_page", read_page)];
     for (name, routine) in routines {
         let mut next = order.iter().copied().cycle();

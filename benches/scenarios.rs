@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use dirtyvm::limit::LimitAlgo;
-use dirtyvm::scenario::{self, Controller};
+use dirtyvm::showcase::scenario::{self, Controller};
 
 fn main() {
     if std::fs::OpenOptions::new()

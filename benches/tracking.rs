@@ -32,7 +32,7 @@
 //! Why: dirty tracking must not slow the guest it tracks. Design target: a writer's page
 //! rate with ring tracking at least 95% of its rate without tracking, and zero ring-full
 //! exits for a full-speed writer with 65536-entry rings under the adaptive reaper. On this
-//! host the guest is emulated (HOST-NOTES), so the write-protection fault each first write
+//! host the guest is emulated (docs/host.md#guest-code-is-emulated), so the write-protection fault each first write
 //! to a page takes costs little next to the emulation; on a host with hardware
 //! virtualization the same bench shows the fault's full cost. Needs `/dev/kvm`: skipped with
 //! a message without it.
@@ -41,9 +41,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dirtyvm::kvm::Kvm;
-use dirtyvm::reaper::Cadence;
+use dirtyvm::tracking::Cadence;
 use dirtyvm::tracking::DirtyLog;
+use dirtyvm::vm::kvm::Kvm;
 use dirtyvm::vmm::{Machine, VmConfig};
 
 const MEMORY: u64 = 256 << 20;
@@ -97,7 +97,7 @@ struct Outcome {
     /// Each interleaved round's rate, pages/s.
     round_rates: Vec<f64>,
     ring_full_exits: u64,
-    wedged_rings: u64,
+    ring_overflows: u64,
     reaps: u64,
 }
 
@@ -127,7 +127,7 @@ fn window(machine: &Machine, want: u64, min: Duration) -> (u64, Duration) {
         } else if progress.elapsed() > STALL {
             panic!(
                 "the writer made no progress for {STALL:?} (VM stop reason: {:?})",
-                machine.stop().reason()
+                machine.stop_request().reason()
             );
         }
     }
@@ -151,7 +151,7 @@ fn boot(setup: &Setup) -> Result<Machine, String> {
 fn finish(machine: Machine, setup: &Setup, outcome: &mut Outcome) {
     let tracker = machine.tracker();
     outcome.ring_full_exits += tracker.vcpu(0).snapshot().ring_full_exits;
-    outcome.wedged_rings += tracker.wedged_rings();
+    outcome.ring_overflows += tracker.ring_overflows();
     outcome.reaps += machine.reaper().map_or(0, |r| r.stats().reaps);
     if let Err(e) = machine.shutdown() {
         println!("tracking_overhead/{}: shutdown failed: {e}", setup.name);
@@ -215,14 +215,14 @@ fn tracking(c: &mut Criterion) {
     let baseline = outcomes[0].as_ref().map(|o| pages_per_s(o.interleaved));
     println!("\ntracking overhead: unpaced {WORKLOAD} writer, ground-truth page rate (Mpages/s)");
     println!(
-        "{:<11} {:>9} {:>12} {:>14} {:>8} {:>10} {:>7} {:>7}",
+        "{:<11} {:>9} {:>12} {:>14} {:>8} {:>10} {:>9} {:>7}",
         "tracking",
         "sampled",
         "interleaved",
         "rounds min-max",
         "vs none",
         "ring-full",
-        "wedged",
+        "overflows",
         "reaps"
     );
     for (setup, outcome) in SETUPS.iter().zip(&outcomes) {
@@ -235,20 +235,20 @@ fn tracking(c: &mut Criterion) {
             .iter()
             .fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
         println!(
-            "{:<11} {:>9.3} {:>12.3} {:>14} {:>8} {:>10} {:>7} {:>7}",
+            "{:<11} {:>9.3} {:>12.3} {:>14} {:>8} {:>10} {:>9} {:>7}",
             setup.name,
             pages_per_s(o.sampled) / 1e6,
             rate / 1e6,
             format!("{:.3}-{:.3}", min / 1e6, max / 1e6),
             baseline.map_or("-".into(), |b| format!("{:.1}%", 100.0 * rate / b)),
             o.ring_full_exits,
-            o.wedged_rings,
+            o.ring_overflows,
             o.reaps,
         );
     }
     println!(
         "(sampled: over criterion's samples, one VM per configuration, run one after the \
-         other; interleaved: over the rounds, the basis of 'vs none'; ring-full, wedged and \
+         other; interleaved: over the rounds, the basis of 'vs none'; ring-full, overflows and \
          reaps: totals over every VM of the configuration. Design target: ring >= 95% of \
          none; zero ring-full exits with 65536-entry rings)\n"
     );

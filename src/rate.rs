@@ -1,7 +1,6 @@
-//! Dirty-rate measurement in the three reference modes, and the continuous per-vCPU rate
-//! estimate the dirty-limit controller consumes.
+//! Dirty-rate measurement in the three reference modes.
 //!
-//! All modes count *distinct pages first dirtied in the window* (REFERENCE §5.4: "page
+//! All modes count *distinct pages first dirtied in the window* (docs/reference.md#dirty-rate-measurement-calc-dirty-rate: "page
 //! dirtying is a one-time event"), in MiB/s, and every result carries the ground truth for
 //! the same window, computed from the guests' own counters.
 //!
@@ -21,18 +20,18 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::guest::{GuestStats, Layout};
-use crate::kvm::GuestMemory;
+use crate::sync::{Rounds, Shared, Worker};
 use crate::tracking::{DirtyLog, Tracker};
 use crate::units::pages_to_mibps;
 use crate::units::PAGE_SIZE;
-use crate::vcpu::{kick_and_wait, VcpuControl};
+use crate::vm::guest::{GuestStats, Layout};
+use crate::vm::kvm::GuestMemory;
+use crate::vm::vcpu::{kick_and_wait, VcpuControl};
 
 /// Shortest measurement window, ms (QEMU's range).
 pub const MIN_CALC_TIME_MS: u64 = 50;
@@ -274,118 +273,92 @@ pub struct RateSources {
 #[derive(Debug)]
 struct MeterState {
     rate: RateState,
-    cancelled: bool,
-    thread: Option<JoinHandle<()>>,
 }
 
-#[derive(Debug)]
-struct Shared {
-    sources: RateSources,
-    state: Mutex<MeterState>,
-    /// Signalled when a measurement ends or the meter is cancelled.
-    changed: Condvar,
-}
+impl Rounds for MeterState {
+    /// The thread lives for one measurement.
+    fn active(&self) -> bool {
+        self.rate.status == RateStatus::Measuring
+    }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, MeterState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn next_round(&self) -> Option<Instant> {
+        Some(Instant::now())
     }
 }
 
 /// Runs one measurement at a time on its own thread.
 #[derive(Debug)]
 pub struct DirtyRateMeter {
-    shared: Arc<Shared>,
+    sources: Arc<RateSources>,
+    worker: Worker<MeterState>,
 }
 
 impl DirtyRateMeter {
     /// A meter over `sources`.
     pub fn new(sources: RateSources) -> DirtyRateMeter {
+        let sources = Arc::new(sources);
+        let state = MeterState {
+            rate: RateState {
+                status: RateStatus::Unstarted,
+                request: None,
+                start_time: 0,
+                last: None,
+            },
+        };
+        let measuring = sources.clone();
         DirtyRateMeter {
-            shared: Arc::new(Shared {
-                sources,
-                state: Mutex::new(MeterState {
-                    rate: RateState {
-                        status: RateStatus::Unstarted,
-                        request: None,
-                        start_time: 0,
-                        last: None,
-                    },
-                    cancelled: false,
-                    thread: None,
-                }),
-                changed: Condvar::new(),
+            sources,
+            worker: Worker::new("dirtyrate", state, move |shared, state| {
+                let request = state.rate.request.expect("a measurement has a request");
+                drop(state);
+                let measurement = measure(&measuring, shared, request);
+                let mut state = shared.lock();
+                state.rate.status = RateStatus::Measured;
+                state.rate.last = measurement;
+                shared.notify();
+                state
             }),
         }
     }
 
     /// Starts a measurement; refuses while one runs or when the request is invalid.
     pub fn start(&self, request: RateRequest) -> Result<(), RateError> {
-        let mut state = self.shared.lock();
+        let mut state = self.worker.lock();
         if state.rate.status == RateStatus::Measuring {
             return Err(RateError::AlreadyMeasuring);
         }
-        request.check(self.shared.sources.tracker.log())?;
-        if let Some(done) = state.thread.take() {
-            // It has finished (status is not measuring): this only reaps the thread.
-            let _ = done.join();
-        }
+        request.check(self.sources.tracker.log())?;
         state.rate.status = RateStatus::Measuring;
         state.rate.request = Some(request);
         // A measurement that ends without a result must not show the previous one's.
         state.rate.last = None;
         state.rate.start_time = wall_clock_seconds();
-        let shared = self.shared.clone();
-        let spawned = thread::Builder::new()
-            .name("dirtyrate".into())
-            .spawn(move || {
-                let measurement = measure(&shared, request);
-                let mut state = shared.lock();
-                state.rate.status = RateStatus::Measured;
-                if let Some(m) = measurement {
-                    state.rate.last = Some(m);
-                }
-                shared.changed.notify_all();
-            });
-        match spawned {
-            Ok(handle) => {
-                state.thread = Some(handle);
-                Ok(())
-            }
-            Err(e) => {
-                state.rate.status = RateStatus::Unstarted;
-                Err(RateError::NoThread(e.to_string()))
-            }
-        }
+        self.worker.wake(state).map_err(|e| {
+            self.worker.lock().rate.status = RateStatus::Unstarted;
+            RateError::NoThread(e.to_string())
+        })
     }
 
     /// The current state.
     pub fn state(&self) -> RateState {
-        self.shared.lock().rate.clone()
+        self.worker.lock().rate.clone()
     }
 
     /// Waits up to `timeout` for the running measurement to end; returns the state.
     pub fn wait(&self, timeout: Duration) -> RateState {
-        let state = self.shared.lock();
         let (state, _) = self
-            .shared
-            .changed
-            .wait_timeout_while(state, timeout, |s| s.rate.status == RateStatus::Measuring)
-            .unwrap_or_else(|e| e.into_inner());
+            .worker
+            .shared()
+            .wait_while(self.worker.lock(), Some(timeout), |s| {
+                s.rate.status == RateStatus::Measuring
+            });
         state.rate.clone()
     }
 
-    /// Stops a running measurement (its result is dropped) and joins its thread.
-    pub fn cancel(&self) {
-        let thread = {
-            let mut state = self.shared.lock();
-            state.cancelled = true;
-            self.shared.changed.notify_all();
-            state.thread.take()
-        };
-        if let Some(thread) = thread {
-            let _ = thread.join();
-        }
+    /// Stops a running measurement (its result is dropped) and joins its thread; the meter
+    /// measures nothing more.
+    pub fn shut_down(&self) {
+        self.worker.stop();
     }
 }
 
@@ -395,18 +368,18 @@ fn wall_clock_seconds() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Sleeps `window` unless the meter is cancelled first; false when cancelled.
-fn sleep_window(shared: &Shared, window: Duration) -> bool {
-    let state = shared.lock();
-    let (state, _) = shared
-        .changed
-        .wait_timeout_while(state, window, |s| !s.cancelled)
-        .unwrap_or_else(|e| e.into_inner());
-    !state.cancelled
+/// Sleeps `window` unless the meter is shut down first; false when it is.
+fn sleep_window(shared: &Shared<MeterState>, window: Duration) -> bool {
+    let (guard, stopping) = shared.wait_while(shared.lock(), Some(window), |_| true);
+    drop(guard);
+    !stopping
 }
 
-fn measure(shared: &Shared, request: RateRequest) -> Option<Measurement> {
-    let sources = &shared.sources;
+fn measure(
+    sources: &RateSources,
+    shared: &Shared<MeterState>,
+    request: RateRequest,
+) -> Option<Measurement> {
     let window = Duration::from_millis(request.calc_time_ms);
     let start_time = wall_clock_seconds();
     let (dirty, truth, elapsed) = match request.mode {
@@ -479,62 +452,6 @@ fn measure(shared: &Shared, request: RateRequest) -> Option<Measurement> {
     })
 }
 
-/// Time constant of the smoothed estimate.
-const SMOOTHING_TAU: Duration = Duration::from_millis(250);
-/// Reaps closer together than this are folded into the next update: a rate over a few
-/// hundred microseconds is mostly noise.
-const MIN_ESTIMATE_INTERVAL: Duration = Duration::from_millis(5);
-
-/// A vCPU's dirty rate as the tracker sees it: entries harvested per second.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct RateEstimate {
-    /// Over the last interval between updates, MiB/s.
-    pub last_mibps: f64,
-    /// Exponentially smoothed (time constant 250 ms), MiB/s.
-    pub smoothed_mibps: f64,
-}
-
-/// Continuous per-vCPU rate estimates from harvested counts, updated on every reap.
-#[derive(Debug)]
-pub struct RateEstimator {
-    at: Instant,
-    counts: Vec<u64>,
-    estimates: Vec<RateEstimate>,
-}
-
-impl RateEstimator {
-    /// Estimates for `vcpus` vCPUs, all zero.
-    pub fn new(vcpus: usize) -> RateEstimator {
-        RateEstimator {
-            at: Instant::now(),
-            counts: vec![0; vcpus],
-            estimates: vec![RateEstimate::default(); vcpus],
-        }
-    }
-
-    /// Folds in the harvested counts (cumulative, per vCPU) seen at `now`.
-    pub fn update(&mut self, now: Instant, counts: impl IntoIterator<Item = u64>) {
-        let dt = now.saturating_duration_since(self.at);
-        if dt < MIN_ESTIMATE_INTERVAL {
-            return;
-        }
-        let secs = dt.as_secs_f64();
-        let alpha = 1.0 - (-secs / SMOOTHING_TAU.as_secs_f64()).exp();
-        for ((last, estimate), count) in self.counts.iter_mut().zip(&mut self.estimates).zip(counts)
-        {
-            estimate.last_mibps = pages_to_mibps(count.saturating_sub(*last), secs);
-            estimate.smoothed_mibps += alpha * (estimate.last_mibps - estimate.smoothed_mibps);
-            *last = count;
-        }
-        self.at = now;
-    }
-
-    /// The estimates, by vCPU id.
-    pub fn estimates(&self) -> &[RateEstimate] {
-        &self.estimates
-    }
-}
-
 enum Dirty {
     Vm(f64),
     PerVcpu(Vec<u64>),
@@ -591,16 +508,26 @@ const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
 const P3: u64 = 0x1656_67B1_9E37_79F9;
 const P4: u64 = 0x85EB_CA77_C2B2_AE63;
 
-/// XXH64 (seed 1) of one guest page, read word by word while the guest may be writing it:
-/// what page-sampling mode computes for every sampled page, twice per measurement (public
-/// for the `sampling` bench).
-///
-/// # Panics
-/// If `page` is not a page of `ram`.
-pub fn hash_page(ram: &GuestMemory, page: u64) -> u64 {
-    let words = &ram.words()[(page * PAGE_SIZE / 8) as usize..][..(PAGE_SIZE / 8) as usize];
-    // Relaxed: a torn view of a page under concurrent writes hashes as "changed", which it is.
-    xxh64_page(words.iter().map(|w| w.load(Ordering::Relaxed)))
+// The page hash is public only for the `sampling` bench.
+#[cfg(feature = "testing")]
+pub use hash::hash_page;
+#[cfg(not(feature = "testing"))]
+use hash::hash_page;
+
+mod hash {
+    use super::{xxh64_page, GuestMemory, Ordering, PAGE_SIZE};
+
+    /// XXH64 (seed 1) of one guest page, read word by word while the guest may be writing it:
+    /// what page-sampling mode computes for every sampled page, twice per measurement (public
+    /// with the `testing` feature, for the `sampling` bench).
+    ///
+    /// # Panics
+    /// If `page` is not a page of `ram`.
+    pub fn hash_page(ram: &GuestMemory, page: u64) -> u64 {
+        let words = &ram.words()[(page * PAGE_SIZE / 8) as usize..][..(PAGE_SIZE / 8) as usize];
+        // Relaxed: a torn view of a page under concurrent writes hashes as "changed", which it is.
+        xxh64_page(words.iter().map(|w| w.load(Ordering::Relaxed)))
+    }
 }
 
 fn xxh64_round(acc: u64, input: u64) -> u64 {
@@ -655,28 +582,6 @@ mod tests {
         let page: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
         assert_eq!(xxh64_page(words(&page)), 0x2215_4cb5_a9b7_bbef);
         assert_eq!(xxh64_page(words(&[0; 4096])), 0x82da_6c10_8266_bfde);
-    }
-
-    #[test]
-    fn estimates_follow_the_harvested_counts() {
-        let t0 = Instant::now();
-        let mut estimator = RateEstimator::new(2);
-        estimator.at = t0;
-        // 2560 pages in 100 ms = 100 MiB/s for vCPU 0; nothing for vCPU 1.
-        estimator.update(t0 + Duration::from_millis(100), [2560, 0]);
-        let e = estimator.estimates()[0];
-        assert!((e.last_mibps - 100.0).abs() < 1e-9);
-        let alpha = 1.0 - (-0.1f64 / 0.25).exp();
-        assert!((e.smoothed_mibps - 100.0 * alpha).abs() < 1e-9);
-        assert_eq!(estimator.estimates()[1], RateEstimate::default());
-        // Too soon: folded into the next update.
-        estimator.update(t0 + Duration::from_millis(101), [9999, 0]);
-        assert!((estimator.estimates()[0].last_mibps - 100.0).abs() < 1e-9);
-        // A steady rate converges.
-        for i in 2..40 {
-            estimator.update(t0 + Duration::from_millis(100 * i), [2560 * i, 0]);
-        }
-        assert!((estimator.estimates()[0].smoothed_mibps - 100.0).abs() < 0.1);
     }
 
     #[test]

@@ -10,13 +10,14 @@ use std::time::Instant;
 
 use dirtyvm_sys as sys;
 
-use crate::guest::{self, GuestStats, Layout, LayoutError, Workload};
-use crate::kvm::{self, GuestMemory, Kvm, Vcpu, Vm};
 use crate::limit::{DirtyLimiter, LimitAlgo};
 use crate::rate::{DirtyRateMeter, RateSources};
-use crate::reaper::{Cadence, Reaper};
+use crate::sync::lock;
+use crate::tracking::{Cadence, Reaper};
 use crate::tracking::{DirtyLog, Tracker, MIN_RING_ENTRIES};
-use crate::vcpu::{Stop, VcpuControl, VcpuThread};
+use crate::vm::guest::{self, GuestStats, Layout, LayoutError, Workload};
+use crate::vm::kvm::{self, GuestMemory, Kvm, Vcpu, Vm};
+use crate::vm::vcpu::{StopRequest, VcpuControl, VcpuThread};
 
 /// What to boot.
 #[derive(Debug, Clone, PartialEq)]
@@ -325,7 +326,7 @@ pub struct Machine {
     tracker: Arc<Tracker>,
     vm: Arc<Vm>,
     layout: Layout,
-    stop: Arc<Stop>,
+    stop: Arc<StopRequest>,
     started: Instant,
     /// When `shutdown` stopped the vCPUs.
     stopped: Mutex<Option<Instant>>,
@@ -375,7 +376,7 @@ impl Machine {
             rings,
             vcpus.len(),
         ));
-        let stop = Arc::new(Stop::default());
+        let stop = Arc::new(StopRequest::default());
         let started = Instant::now();
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
@@ -437,7 +438,7 @@ impl Machine {
     }
 
     /// The VM-wide stop request, shared with the vCPU threads.
-    pub fn stop(&self) -> &Arc<Stop> {
+    pub fn stop_request(&self) -> &Arc<StopRequest> {
         &self.stop
     }
 
@@ -449,7 +450,7 @@ impl Machine {
     /// How long the vCPUs ran: from boot until [`Machine::shutdown`] stopped them, or until
     /// now.
     pub fn ran_for(&self) -> std::time::Duration {
-        let stopped = *self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let stopped = *lock(&self.stopped);
         stopped.unwrap_or_else(Instant::now) - self.started
     }
 
@@ -531,20 +532,17 @@ impl Machine {
     /// Stops every vCPU thread and joins it, reaps what they left in the rings, then stops
     /// the reaper. Counters stay readable afterwards. Idempotent.
     pub fn shutdown(&self) -> Result<(), VmmError> {
-        self.meter.cancel();
-        self.limiter.stop();
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        self.meter.shut_down();
+        self.limiter.shut_down();
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for thread in &threads {
             thread.control().request_stop();
         }
         threads.into_iter().for_each(VcpuThread::stop_and_join);
-        self.stopped
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(Instant::now);
+        lock(&self.stopped).get_or_insert_with(Instant::now);
         let last_reap = self.tracker.reap().map(drop);
         if let Some(reaper) = &self.reaper {
-            reaper.stop();
+            reaper.shut_down();
         }
         last_reap.map_err(VmmError::io("the final harvest"))
     }

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use dirtyvm::guest::Workload;
-use dirtyvm::reaper::Cadence;
+use dirtyvm::tracking::Cadence;
 use dirtyvm::tracking::DirtyLog;
+use dirtyvm::vm::guest::Workload;
 use dirtyvm::vmm::{Machine, VmConfig};
 
 fn config(log: DirtyLog, workloads: &[&str]) -> VmConfig {
@@ -77,7 +77,7 @@ fn sequential_writer_is_tracked_exactly(log: DirtyLog) {
         let reader = machine.tracker().vcpu(1).snapshot().harvested;
         assert_eq!(reader, 0, "the reader's ring had entries");
     }
-    assert_eq!(machine.tracker().wedged_rings(), 0);
+    assert_eq!(machine.tracker().ring_overflows(), 0);
     assert_eq!(machine.tracker().reset_mismatches(), 0);
 }
 
@@ -161,12 +161,12 @@ fn overflowing_ring_is_detected_and_recovered() {
     let mut progress = Vec::new();
     for _ in 0..10 {
         sleep(Duration::from_millis(100));
-        if machine.stop().reason().is_some() {
+        if machine.stop_request().reason().is_some() {
             break;
         }
         progress.push(machine.guest_stats()[0].pages_written);
     }
-    let stop_reason = machine.stop().reason();
+    let stop_reason = machine.stop_request().reason();
     machine.shutdown().unwrap();
     assert!(
         start.elapsed() < Duration::from_secs(10),
@@ -182,11 +182,11 @@ fn overflowing_ring_is_detected_and_recovered() {
                 progress.windows(2).last().is_some_and(|w| w[1] > w[0]),
                 "writer stalled: {progress:?}"
             );
-            if tracker.wedged_rings() > 0 {
+            if tracker.ring_overflows() > 0 {
                 let lost = tracker.vcpu(0).snapshot().lost_entries;
                 eprintln!(
                     "{} overflows, {lost} entries lost, all recovered",
-                    tracker.wedged_rings()
+                    tracker.ring_overflows()
                 );
             }
         }
@@ -196,7 +196,7 @@ fn overflowing_ring_is_detected_and_recovered() {
         }
     }
     let dirty = tracker.take_dirty().unwrap();
-    if tracker.wedged_rings() > 0 {
+    if tracker.ring_overflows() > 0 {
         // The first take after a loss reports every page of guest RAM, and says so.
         assert!(!dirty.complete);
         assert_eq!(dirty.count(), machine.ram().len() as u64 / 4096);

@@ -7,9 +7,9 @@ use std::sync::MutexGuard;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use dirtyvm::guest::Workload;
 use dirtyvm::limit::{LimitAlgo, LimitError};
 use dirtyvm::tracking::DirtyLog;
+use dirtyvm::vm::guest::Workload;
 use dirtyvm::vmm::{Machine, VmConfig};
 
 /// Boots two vCPUs and waits until every writer has touched its whole working set once

@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use dirtyvm::guest::Workload;
 use dirtyvm::rate::{Measurement, RateError, RateMode, RateRequest, RateStatus};
 use dirtyvm::tracking::DirtyLog;
+use dirtyvm::vm::guest::Workload;
 use dirtyvm::vmm::{Machine, VmConfig};
 
 fn boot(log: DirtyLog, vcpus: u32, workloads: &[&str]) -> Machine {
@@ -127,7 +127,7 @@ fn windows_keep_their_length_with_many_vcpus() {
     let measurements: Vec<Measurement> = (0..2)
         .map(|_| measure(&machine, RateMode::DirtyRing, 500))
         .collect();
-    let overflows = machine.tracker().wedged_rings();
+    let overflows = machine.tracker().ring_overflows();
     machine.shutdown().unwrap();
     for m in &measurements {
         assert!(

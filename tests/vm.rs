@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use dirtyvm::guest::{GuestStats, Workload};
+use dirtyvm::vm::guest::{GuestStats, Workload};
 use dirtyvm::vmm::{Machine, VmConfig};
 
 fn boot(vcpus: u32, memory: u64, workloads: &[&str]) -> Machine {

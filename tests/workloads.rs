@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use dirtyvm::guest::{GuestStats, VcpuPlan, Workload};
+use dirtyvm::vm::guest::{GuestStats, VcpuPlan, Workload};
 use dirtyvm::vmm::{Machine, VmConfig};
 
 const PAGE: u64 = 4096;

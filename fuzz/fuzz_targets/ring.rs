@@ -153,13 +153,13 @@ fuzz_target!(|input: Input| {
                     reported.push((slot_id, page));
                 };
                 let tally = harvester.harvest(&ring, &bounds, &mut record);
-                assert!(tally.harvested <= entries, "more than one lap: {tally:?}");
-                assert_eq!(tally.harvested, reported.len() as u32 + tally.bad_entries);
-                assert!(tally.foreign_flag_bits <= tally.harvested);
-                assert_eq!(harvester.cursor(), before.wrapping_add(tally.harvested));
+                assert!(tally.collected <= entries, "more than one lap: {tally:?}");
+                assert_eq!(tally.collected, reported.len() as u32 + tally.bad_entries);
+                assert!(tally.foreign_flag_bits <= tally.collected);
+                assert_eq!(harvester.cursor(), before.wrapping_add(tally.collected));
                 if !tainted {
                     // Single-threaded, so everything pushed is harvested now.
-                    assert_eq!(tally.harvested as usize, pending.len());
+                    assert_eq!(tally.collected as usize, pending.len());
                     let expected: Vec<(u16, u64)> = pending
                         .iter()
                         .filter(|&&e| valid(e))

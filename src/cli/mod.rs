@@ -2,7 +2,9 @@
 //! before a VM boots, with exit code 2 and a sentence naming the option and the value), and
 //! the commands. `main.rs` only parses, dispatches and prints the error.
 
+pub mod output;
 mod probe;
+pub mod report;
 mod run;
 
 pub use run::RunPlan;
@@ -12,14 +14,14 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::demo::{self, DemoOptions};
-use crate::guest::{self, Workload};
 use crate::limit::{LimitAlgo, MAX_LIMIT_MIBPS, MIN_LIMIT_MIBPS};
-use crate::output::{OutputError, OutputFile};
 use crate::rate::{RateMode, MAX_CALC_TIME_MS, MIN_CALC_TIME_MS};
-use crate::reaper::Cadence;
+use crate::showcase::demo::{self, DemoOptions};
+use crate::tracking::Cadence;
 use crate::tracking::DirtyLog;
+use crate::vm::guest::{self, Workload};
 use crate::vmm::VmmError;
+use output::{OutputError, OutputFile};
 
 const ABOUT: &str = "A minimal KVM VMM that tracks, measures and limits how fast vCPUs dirty \
                      guest memory.";
@@ -124,7 +126,7 @@ pub struct RunArgs {
     #[arg(long = "workload", value_name = "SPEC")]
     workloads: Vec<Workload>,
     /// Dirty tracking: per-vCPU dirty rings, the dirty bitmap, or none.
-    #[arg(long, default_value = "ring", value_name = "ring|bitmap|none")]
+    #[arg(long, value_enum, default_value_t = DirtyLog::Ring)]
     dirty_log: DirtyLog,
     /// Entries per vCPU dirty ring: a power of two from 1024 to the host's maximum
     /// (`dirtyvm probe` shows it). Default: the host's maximum (65536 on most hosts), which
@@ -154,7 +156,7 @@ pub struct RunArgs {
     vcpu_dirty_limit: Vec<(u32, f64)>,
     /// Dirty-limit algorithm: `quota` (dirtyvm's: a per-vCPU page quota enforced with
     /// kicks, independent of ring size) or `reference` (QEMU's, computed exactly).
-    #[arg(long, default_value = "quota", value_name = "quota|reference")]
+    #[arg(long, value_enum, default_value_t = LimitAlgo::Quota)]
     limit_algo: LimitAlgo,
     /// With --dirty-limit: the classic whole-VM throttle instead of per-vCPU limits, raised
     /// 20, 30, ... 99 % until the VM's dirty rate is under the limit; slows every vCPU alike.

@@ -7,18 +7,18 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 
+use super::output::OutputFile;
+use super::report::Report;
 use super::{Failure, RunArgs};
-use crate::guest::{self, GuestStats, Workload};
-use crate::output::OutputFile;
 use crate::qmp::{MachineBackend, Server};
 use crate::rate::{
     Measurement, RateMode, RateRequest, RateStatus, DEFAULT_SAMPLE_PAGES, MAX_SAMPLE_PAGES,
     MIN_SAMPLE_PAGES,
 };
-use crate::report::Report;
 use crate::tracking::DirtyLog;
 use crate::units::pages_to_mibps;
-use crate::vcpu::{Stop, StopReason};
+use crate::vm::guest::{self, GuestStats, Workload};
+use crate::vm::vcpu::{StopReason, StopRequest};
 use crate::vmm::{Machine, VmConfig};
 
 /// What `run` was asked to do, checked: everything here can be attempted.
@@ -219,7 +219,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         let _ = machine.shutdown();
         return Err(Failure::usage(e.to_string()));
     }
-    spawn_signal_waiter(signals, machine.stop().clone());
+    spawn_signal_waiter(signals, machine.stop_request().clone());
     let qmp = match &plan.qmp {
         Some(path) => match Server::spawn(path, Arc::new(MachineBackend::new(machine.clone()))) {
             Ok(server) => Some(server),
@@ -261,7 +261,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         if reason != StopReason::Quit {
             server.notify_shutdown();
         }
-        server.stop();
+        server.shut_down();
     }
     // The vCPUs stop and the rings are flushed before any counter is read, so the guests'
     // counts and the harvested ones describe the same moment.
@@ -286,7 +286,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
-fn spawn_signal_waiter(signals: SigSet, stop: Arc<Stop>) {
+fn spawn_signal_waiter(signals: SigSet, stop: Arc<StopRequest>) {
     // Never joined: it waits in sigwait for the life of the process.
     let spawned = std::thread::Builder::new()
         .name("signals".into())
@@ -319,11 +319,14 @@ fn watch(
     loop {
         let now = Instant::now();
         if deadline.is_some_and(|d| d <= now) {
-            let reason = machine.stop().reason().unwrap_or(StopReason::Duration);
+            let reason = machine
+                .stop_request()
+                .reason()
+                .unwrap_or(StopReason::Duration);
             return (reason, measurements);
         }
         let wait = deadline.map_or(TICK, |d| (d - now).min(TICK));
-        if let Some(reason) = machine.stop().wait_timeout(wait) {
+        if let Some(reason) = machine.stop_request().wait_timeout(wait) {
             return (reason, measurements);
         }
         if let Some(request) = rate {

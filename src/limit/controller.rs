@@ -2,8 +2,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -13,13 +12,14 @@ use super::reference::{self, Reference};
 use super::throttle::{self, AutoConverge};
 use super::{Decision, DutyCycle, LimitAlgo, Usage, MAX_LIMIT_MIBPS, MAX_RECHECK, MIN_LIMIT_MIBPS};
 use crate::sched::{self, Policy};
+use crate::sync::{Guard, Rounds, Shared, Worker};
 use crate::tracking::{DirtyLog, Tracker};
 use crate::units::{monotonic_ns, pages_to_mibps, PAGES_PER_MIB};
-use crate::vcpu::VcpuControl;
+use crate::vm::vcpu::VcpuControl;
 
 /// `SCHED_FIFO` priority of the controller: above the reaper (its kicks are its precision).
 const CONTROLLER_PRIORITY: i32 = 20;
-/// Current rates are measured over this trailing window.
+/// The penalty per second (`PenaltyInfo::ms_per_s`) is measured over this trailing window.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 /// One point of the time series per limited vCPU this often, to begin with.
 const SERIES_EVERY: Duration = Duration::from_millis(250);
@@ -163,7 +163,8 @@ struct VcpuState {
     limit: Option<Limit>,
     duty: DutyCycle,
     last: Option<Sample>,
-    history: VecDeque<Sample>,
+    /// Penalty time served at each round of the last second, for [`PenaltyInfo::ms_per_s`].
+    slept: VecDeque<(Instant, u64)>,
     asleep_until: Option<Instant>,
     next_check: Instant,
     /// Kick-to-exit latency estimate, seconds.
@@ -182,46 +183,43 @@ struct State {
     vcpus: Vec<VcpuState>,
     throttle: Option<Throttle>,
     reference: reference::Shared,
-    thread: Option<JoinHandle<()>>,
-    quit: bool,
-    /// Set by requests, so the controller looks again at once.
-    changed: bool,
+    /// `None` until the thread has asked for `SCHED_FIFO`.
     policy: Option<Policy>,
     series: Vec<SeriesPoint>,
     series_every: Duration,
     next_series: Instant,
 }
 
-impl State {
+impl Rounds for State {
+    /// The controller runs while any limit or the throttle is in force.
     fn active(&self) -> bool {
         self.throttle.is_some() || self.vcpus.iter().any(|v| v.limit.is_some())
     }
+
+    fn next_round(&self) -> Option<Instant> {
+        let checks = self.vcpus.iter().map(|v| v.next_check);
+        Some(checks.fold(self.next_series, Instant::min))
+    }
 }
 
-struct Shared {
+/// What the controller works on besides its state.
+struct Context {
     tracker: Arc<Tracker>,
     vcpus: Vec<Arc<VcpuControl>>,
-    default_algo: LimitAlgo,
     started: Instant,
-    state: Mutex<State>,
-    wake: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// The dirty limiter of one VM.
 pub struct DirtyLimiter {
-    shared: Arc<Shared>,
+    context: Arc<Context>,
+    default_algo: LimitAlgo,
+    worker: Worker<State>,
 }
 
 impl fmt::Debug for DirtyLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DirtyLimiter")
-            .field("default_algo", &self.shared.default_algo)
+            .field("default_algo", &self.default_algo)
             .finish_non_exhaustive()
     }
 }
@@ -243,7 +241,7 @@ impl DirtyLimiter {
                 limit: None,
                 duty: DutyCycle::default(),
                 last: None,
-                history: VecDeque::new(),
+                slept: VecDeque::new(),
                 asleep_until: None,
                 next_check: now,
                 latency: INITIAL_LATENCY,
@@ -251,39 +249,40 @@ impl DirtyLimiter {
                 series_slept_ns: 0,
             })
             .collect();
+        let context = Arc::new(Context {
+            tracker,
+            vcpus,
+            started,
+        });
+        let state = State {
+            vcpus: states,
+            throttle: None,
+            reference: reference::Shared::new(ring_entries),
+            policy: None,
+            series: Vec::new(),
+            series_every: SERIES_EVERY,
+            next_series: now,
+        };
+        let round_context = context.clone();
         DirtyLimiter {
-            shared: Arc::new(Shared {
-                tracker,
-                vcpus,
-                default_algo,
-                started,
-                state: Mutex::new(State {
-                    vcpus: states,
-                    throttle: None,
-                    reference: reference::Shared::new(ring_entries),
-                    thread: None,
-                    quit: false,
-                    changed: false,
-                    policy: None,
-                    series: Vec::new(),
-                    series_every: SERIES_EVERY,
-                    next_series: now,
-                }),
-                wake: Condvar::new(),
+            context,
+            default_algo,
+            worker: Worker::new("dirtylimit", state, move |shared, state| {
+                round(&round_context, shared, state)
             }),
         }
     }
 
     /// Number of vCPUs.
     pub fn vcpus(&self) -> u32 {
-        self.shared.vcpus.len() as u32
+        self.context.vcpus.len() as u32
     }
 
     fn check_vcpu(&self, vcpu: Option<u32>) -> Result<Vec<usize>, LimitError> {
         match vcpu {
             Some(id) if id >= self.vcpus() => Err(LimitError::BadVcpu(id)),
             Some(id) => Ok(vec![id as usize]),
-            None => Ok((0..self.shared.vcpus.len()).collect()),
+            None => Ok((0..self.context.vcpus.len()).collect()),
         }
     }
 
@@ -294,13 +293,13 @@ impl DirtyLimiter {
         mibps: f64,
         algo: Option<LimitAlgo>,
     ) -> Result<(), LimitError> {
-        if self.shared.tracker.log() != DirtyLog::Ring {
+        if self.context.tracker.log() != DirtyLog::Ring {
             return Err(LimitError::NeedsRing);
         }
         check_rate(mibps)?;
         let ids = self.check_vcpu(vcpu)?;
-        let algo = algo.unwrap_or(self.shared.default_algo);
-        let mut state = self.shared.lock();
+        let algo = algo.unwrap_or(self.default_algo);
+        let mut state = self.worker.lock();
         if state.throttle.is_some() {
             return Err(LimitError::Conflict);
         }
@@ -327,20 +326,19 @@ impl DirtyLimiter {
                 }
             }
         }
-        self.start(state);
+        self.wake(state);
         Ok(())
     }
 
     /// Removes the limit of `vcpu` (or every vCPU) and its penalty at once.
     pub fn cancel(&self, vcpu: Option<u32>) -> Result<(), LimitError> {
         let ids = self.check_vcpu(vcpu)?;
-        let mut state = self.shared.lock();
+        let mut state = self.worker.lock();
         for id in ids {
             state.vcpus[id].limit = None;
             self.release(&mut state, id);
         }
-        state.changed = true;
-        self.shared.wake.notify_all();
+        self.wake(state);
         Ok(())
     }
 
@@ -360,13 +358,12 @@ impl DirtyLimiter {
             return Err(LimitError::BadPercent(percent));
         }
         if percent == 0 {
-            let mut state = self.shared.lock();
+            let mut state = self.worker.lock();
             state.throttle = None;
             for id in 0..state.vcpus.len() {
                 self.release(&mut state, id);
             }
-            state.changed = true;
-            self.shared.wake.notify_all();
+            self.wake(state);
             return Ok(());
         }
         self.set_throttle(AutoConverge {
@@ -376,10 +373,10 @@ impl DirtyLimiter {
     }
 
     fn set_throttle(&self, throttle: AutoConverge) -> Result<(), LimitError> {
-        if self.shared.tracker.log() == DirtyLog::None {
+        if self.context.tracker.log() == DirtyLog::None {
             return Err(LimitError::NeedsTracking);
         }
-        let mut state = self.shared.lock();
+        let mut state = self.worker.lock();
         if state.vcpus.iter().any(|v| v.limit.is_some()) {
             return Err(LimitError::Conflict);
         }
@@ -387,7 +384,7 @@ impl DirtyLimiter {
             state: throttle,
             period_start: None,
         });
-        self.start(state);
+        self.wake(state);
         Ok(())
     }
 
@@ -396,34 +393,25 @@ impl DirtyLimiter {
         let v = &mut state.vcpus[id];
         v.asleep_until = None;
         v.duty = DutyCycle::default();
-        let control = &self.shared.vcpus[id];
+        let control = &self.context.vcpus[id];
         control.penalty.clear();
         control.kick();
     }
 
-    /// Starts the controller thread if it is not running, and wakes it.
-    fn start(&self, mut state: MutexGuard<'_, State>) {
-        state.changed = true;
-        self.shared.wake.notify_all();
-        if state.thread.is_some() {
-            return;
-        }
-        let shared = self.shared.clone();
-        match thread::Builder::new()
-            .name("dirtylimit".into())
-            .spawn(move || controller(&shared))
-        {
-            Ok(handle) => state.thread = Some(handle),
-            Err(e) => crate::console::message(
+    /// Has the controller look again at once, starting its thread if it is not running.
+    fn wake(&self, state: Guard<'_, State>) {
+        if let Err(e) = self.worker.wake(state) {
+            crate::console::message(
                 "error",
                 format_args!("cannot start the dirty-limit controller: {e}"),
-            ),
+            );
         }
     }
 
-    /// Limited vCPUs with their current rates.
+    /// Limited vCPUs with their current rates (the tracker's trailing estimates).
     pub fn limits(&self) -> Vec<LimitInfo> {
-        let state = self.shared.lock();
+        let estimates = self.context.tracker.rate_estimates();
+        let state = self.worker.lock();
         state
             .vcpus
             .iter()
@@ -432,7 +420,7 @@ impl DirtyLimiter {
                 v.limit.as_ref().map(|l| LimitInfo {
                     vcpu: id as u32,
                     limit_mibps: l.mibps,
-                    current_mibps: trailing_rate(&v.history),
+                    current_mibps: estimates[id].trailing_mibps,
                     algo: l.algo,
                 })
             })
@@ -441,14 +429,14 @@ impl DirtyLimiter {
 
     /// vCPU `id`'s penalty counters.
     pub fn penalty(&self, id: u32) -> PenaltyInfo {
-        let control = &self.shared.vcpus[id as usize];
+        let control = &self.context.vcpus[id as usize];
         let now_ns = monotonic_ns();
         let total = control.penalty_ns(now_ns);
-        let state = self.shared.lock();
+        let state = self.worker.lock();
         let window_start = state.vcpus[id as usize]
-            .history
+            .slept
             .front()
-            .map_or(total, |s| s.slept_ns);
+            .map_or(total, |&(_, slept_ns)| slept_ns);
         PenaltyInfo {
             ms_per_s: (total - window_start.min(total)) as f64 / 1e6,
             ms_total: total as f64 / 1e6,
@@ -457,36 +445,29 @@ impl DirtyLimiter {
 
     /// The throttle's state, if it is on.
     pub fn throttle(&self) -> Option<ThrottleInfo> {
-        let state = self.shared.lock();
+        let estimates = self.context.tracker.rate_estimates();
+        let state = self.worker.lock();
         state.throttle.as_ref().map(|t| ThrottleInfo {
             percent: t.state.percent,
             target_mibps: t.state.target_mibps,
-            current_mibps: state.vcpus.iter().map(|v| trailing_rate(&v.history)).sum(),
+            current_mibps: estimates.iter().map(|e| e.trailing_mibps).sum(),
         })
     }
 
     /// The report section.
     pub fn report(&self) -> LimitReport {
-        let state = self.shared.lock();
+        let state = self.worker.lock();
         LimitReport {
-            algo: self.shared.default_algo,
+            algo: self.default_algo,
             policy: state.policy.map(Policy::name),
             series: state.series.clone(),
         }
     }
 
-    /// Lifts every limit and the throttle and joins the controller thread.
-    pub fn stop(&self) {
-        let thread = {
-            let mut state = self.shared.lock();
-            state.quit = true;
-            self.shared.wake.notify_all();
-            state.thread.take()
-        };
-        if let Some(thread) = thread {
-            let _ = thread.join();
-        }
-        for control in &self.shared.vcpus {
+    /// Stops the controller thread for good and lifts every penalty.
+    pub fn shut_down(&self) {
+        self.worker.stop();
+        for control in &self.context.vcpus {
             control.penalty.clear();
         }
     }
@@ -510,65 +491,34 @@ fn seconds_to_duration(seconds: f64) -> Duration {
     }
 }
 
-/// Rate over the samples in the trailing window, MiB/s.
-fn trailing_rate(history: &VecDeque<Sample>) -> f64 {
-    match (history.front(), history.back()) {
-        (Some(first), Some(last)) if last.at > first.at => pages_to_mibps(
-            last.harvested - first.harvested,
-            (last.at - first.at).as_secs_f64(),
-        ),
-        _ => 0.0,
+/// One round of the controller thread: PREPARE (a reap: exact counts up to now), then
+/// CALCULATE and SET PENALTY.
+fn round<'a>(
+    context: &Context,
+    shared: &'a Shared<State>,
+    mut state: Guard<'a, State>,
+) -> Guard<'a, State> {
+    if state.policy.is_none() {
+        let (policy, refused) = sched::try_fifo(CONTROLLER_PRIORITY);
+        if let Some(e) = refused {
+            warn!(
+                "the dirty-limit controller runs at normal priority \
+                 (SCHED_FIFO refused: {e}); its kicks may come late"
+            );
+        }
+        state.policy = Some(policy);
     }
-}
-
-fn controller(shared: &Shared) {
-    let (policy, refused) = sched::try_fifo(CONTROLLER_PRIORITY);
-    if let Some(e) = refused {
-        warn!(
-            "the dirty-limit controller runs at normal priority \
-             (SCHED_FIFO refused: {e}); its kicks may come late"
-        );
-    }
+    drop(state);
+    // A failing reap stops the VM through the reaper or the vCPU that hits it; here it only
+    // means stale counts for one round.
+    let _ = context.tracker.reap();
     let mut state = shared.lock();
-    state.policy = Some(policy);
-    loop {
-        if state.quit || !state.active() {
-            break;
-        }
-        let next = state
-            .vcpus
-            .iter()
-            .map(|v| v.next_check)
-            .min()
-            .unwrap_or_else(Instant::now)
-            .min(state.next_series);
-        let timeout = next.saturating_duration_since(Instant::now());
-        let (guard, _) = shared
-            .wake
-            .wait_timeout_while(state, timeout, |s| !s.quit && !s.changed)
-            .unwrap_or_else(|e| e.into_inner());
-        state = guard;
-        if state.quit {
-            break;
-        }
-        state.changed = false;
-        drop(state);
-        // PREPARE: exact counts up to now. A failing reap stops the VM through the reaper
-        // or the vCPU that hits it; here it only means stale counts for one round.
-        let _ = shared.tracker.reap();
-        state = shared.lock();
-        control_round(shared, &mut state);
-    }
-    // Whatever ends the loop, nobody stays asleep.
-    for control in &shared.vcpus {
-        control.penalty.clear();
-        control.kick();
-    }
-    state.thread.take();
+    control_round(context, &mut state);
+    state
 }
 
 /// CALCULATE and SET PENALTY for every vCPU, plus the throttle's period and the series.
-fn control_round(shared: &Shared, state: &mut State) {
+fn control_round(context: &Context, state: &mut State) {
     let now = Instant::now();
     let now_ns = monotonic_ns();
     let State {
@@ -579,10 +529,10 @@ fn control_round(shared: &Shared, state: &mut State) {
     } = state;
     let throttled = throttle.as_ref().map(|t| t.state);
     for (id, v) in vcpus.iter_mut().enumerate() {
-        let control = &shared.vcpus[id];
+        let control = &context.vcpus[id];
         let sample = Sample {
             at: now,
-            harvested: shared.tracker.vcpu(id as u32).snapshot().harvested,
+            harvested: context.tracker.vcpu(id as u32).snapshot().harvested,
             slept_ns: control.penalty_ns(now_ns),
         };
         let usage = v.last.map_or(Usage::default(), |last| {
@@ -595,9 +545,13 @@ fn control_round(shared: &Shared, state: &mut State) {
             }
         });
         v.last = Some(sample);
-        v.history.push_back(sample);
-        while v.history.front().is_some_and(|s| now - s.at > RATE_WINDOW) {
-            v.history.pop_front();
+        v.slept.push_back((now, sample.slept_ns));
+        while v
+            .slept
+            .front()
+            .is_some_and(|&(at, _)| now - at > RATE_WINDOW)
+        {
+            v.slept.pop_front();
         }
         if let Some((kicked_ns, exits)) = v.kicked {
             if control.exits_taken() != exits {
@@ -659,7 +613,7 @@ fn control_round(shared: &Shared, state: &mut State) {
     if let Some(t) = throttle {
         let vm = Sample {
             at: now,
-            harvested: shared.tracker.harvested(),
+            harvested: context.tracker.harvested(),
             slept_ns: 0,
         };
         match t.period_start {
@@ -676,7 +630,7 @@ fn control_round(shared: &Shared, state: &mut State) {
         }
     }
     if now >= state.next_series {
-        record_series(shared, state, now, now_ns);
+        record_series(context, state, now, now_ns);
         if state.series.len() > MAX_SERIES_POINTS {
             thin_out(&mut state.series);
             state.series_every *= 2;
@@ -698,11 +652,12 @@ fn thin_out(series: &mut Vec<SeriesPoint>) {
     });
 }
 
-fn record_series(shared: &Shared, state: &mut State, now: Instant, now_ns: u64) {
-    let t_s = (now - shared.started).as_secs_f64();
+fn record_series(context: &Context, state: &mut State, now: Instant, now_ns: u64) {
+    let t_s = (now - context.started).as_secs_f64();
+    let estimates = context.tracker.rate_estimates();
     let throttle_pct = state.throttle.as_ref().map(|t| t.state.percent);
     for (id, v) in state.vcpus.iter_mut().enumerate() {
-        let slept = shared.vcpus[id].penalty_ns(now_ns);
+        let slept = context.vcpus[id].penalty_ns(now_ns);
         let penalty_ms = (slept - v.series_slept_ns.min(slept)) as f64 / 1e6;
         v.series_slept_ns = slept;
         if v.limit.is_none() && throttle_pct.is_none() {
@@ -711,7 +666,7 @@ fn record_series(shared: &Shared, state: &mut State, now: Instant, now_ns: u64) 
         state.series.push(SeriesPoint {
             t_s,
             vcpu: id as u32,
-            rate_mibps: trailing_rate(&v.history),
+            rate_mibps: estimates[id].trailing_mibps,
             limit_mibps: v.limit.as_ref().map(|l| l.mibps),
             penalty_ms,
             throttle_pct,

@@ -23,7 +23,6 @@
 
 #[cfg(not(loom))]
 mod controller;
-mod penalty;
 pub mod quota;
 pub mod reference;
 pub mod throttle;
@@ -32,10 +31,8 @@ pub mod throttle;
 pub use controller::{
     DirtyLimiter, LimitError, LimitInfo, LimitReport, PenaltyInfo, SeriesPoint, ThrottleInfo,
 };
-pub use penalty::PenaltySlot;
 
 use std::fmt;
-use std::str::FromStr;
 
 use serde::Serialize;
 
@@ -102,27 +99,13 @@ impl DutyCycle {
 }
 
 /// Which algorithm limits a vCPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LimitAlgo {
     /// dirtyvm's quota with predictive kicks ([`quota`]).
     Quota,
     /// QEMU's algorithm ([`reference`]).
     Reference,
-}
-
-impl FromStr for LimitAlgo {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<LimitAlgo, String> {
-        match text {
-            "quota" => Ok(LimitAlgo::Quota),
-            "reference" => Ok(LimitAlgo::Reference),
-            _ => Err(format!(
-                "limit algorithm '{text}' is not 'quota' or 'reference'"
-            )),
-        }
-    }
 }
 
 impl fmt::Display for LimitAlgo {
@@ -169,9 +152,13 @@ mod tests {
     }
 
     #[test]
-    fn algorithms_parse() {
-        assert_eq!("quota".parse(), Ok(LimitAlgo::Quota));
-        assert_eq!("reference".parse(), Ok(LimitAlgo::Reference));
-        assert!("qemu".parse::<LimitAlgo>().unwrap_err().contains("'qemu'"));
+    fn algorithms_have_their_cli_names() {
+        use clap::ValueEnum;
+        assert_eq!(LimitAlgo::from_str("quota", false), Ok(LimitAlgo::Quota));
+        assert_eq!(
+            LimitAlgo::from_str("reference", false),
+            Ok(LimitAlgo::Reference)
+        );
+        assert!(LimitAlgo::from_str("qemu", false).is_err());
     }
 }

@@ -1,10 +1,10 @@
 //! The reference dirty-limit algorithm (QEMU `system/dirtylimit.c`), computed exactly:
 //! integer MB/s rates, the 25 MB/s tolerance band, the ring-full time from the full ring size
 //! and a process-wide monotonic maximum rate, linear adjustment beyond 50 %, fixed steps of a
-//! tenth of the ring-full time otherwise, and the 99 × T cap (REFERENCE §5.5).
+//! tenth of the ring-full time otherwise, and the 99 × T cap (docs/reference.md#the-per-vcpu-dirty-limit-qemu-dirtylimit).
 //!
 //! QEMU applies `throttle_us_per_full` as a sleep after each ring-full exit. Ring-full exits
-//! are not a dependable delivery on every host (HOST-NOTES), so dirtyvm delivers the same
+//! are not a dependable delivery on every host (docs/host.md), so dirtyvm delivers the same
 //! penalty through its own kicks: after every `T` µs the vCPU has run, it sleeps
 //! `throttle_us_per_full` µs. That is the reference's own model, `q = c × T / (T + throttle)`,
 //! so the comparison is between the algorithms, not between delivery mechanisms.

@@ -1,6 +1,6 @@
 //! The classic auto-converge throttle (QEMU `migration/cpu-throttle.c`): every vCPU alike runs
 //! 10 ms, then sleeps `10 ms × P / (100 − P)`; while the VM's dirty rate is above the target,
-//! P starts at 20 % and rises by 10 points per period, up to 99 % (REFERENCE §5.6). It slows
+//! P starts at 20 % and rises by 10 points per period, up to 99 % (docs/reference.md#auto-converge). It slows
 //! readers exactly as much as writers: the baseline the per-vCPU dirty limit must beat.
 
 /// `CPU_THROTTLE_TIMESLICE_NS`, seconds.

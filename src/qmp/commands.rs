@@ -124,7 +124,7 @@ pub(super) fn run(
             args.finish()?;
             // As QEMU's vm_stop(): STOP only when this request is what stopped the VM.
             let was_running = backend.running();
-            backend.stop();
+            backend.pause();
             if was_running {
                 ctx.events.push("STOP");
             }
@@ -133,7 +133,7 @@ pub(super) fn run(
         Command::Cont => {
             args.finish()?;
             let was_running = backend.running();
-            backend.cont();
+            backend.resume();
             if !was_running {
                 ctx.events.push("RESUME");
             }

@@ -2,9 +2,11 @@
 //! KVM, no threads, no clock.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{json, Value};
+
+use crate::sync::lock;
 
 use super::{
     Backend, CalcDirtyRate, CpuInfo, DirtyLimitInfo, DirtyRateInfo, DirtyRateMode, DirtyRateStatus,
@@ -70,7 +72,7 @@ impl MockBackend {
 
     fn state(&self) -> MutexGuard<'_, MockState> {
         // No method panics while holding the lock; a poisoned state is still consistent.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     fn vcpu_indices(&self, cpu_index: Option<u32>) -> Vec<u32> {
@@ -86,11 +88,11 @@ impl Backend for MockBackend {
         self.state().running
     }
 
-    fn stop(&self) {
+    fn pause(&self) {
         self.state().running = false;
     }
 
-    fn cont(&self) {
+    fn resume(&self) {
         self.state().running = true;
     }
 

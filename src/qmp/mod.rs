@@ -43,7 +43,7 @@ mod protocol;
 mod server;
 mod vm;
 
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, feature = "testing"))]
 pub mod mock;
 #[cfg(test)]
 mod tests;
@@ -62,10 +62,10 @@ pub use vm::MachineBackend;
 pub trait Backend: Send + Sync {
     /// Whether the vCPUs run (`query-status`).
     fn running(&self) -> bool;
-    /// Pauses every vCPU; does nothing when already paused.
-    fn stop(&self);
-    /// Resumes every vCPU; does nothing when already running.
-    fn cont(&self);
+    /// Pauses every vCPU (`stop`); does nothing when already paused.
+    fn pause(&self);
+    /// Resumes every vCPU (`cont`); does nothing when already running.
+    fn resume(&self);
     /// Requests a VM shutdown (`quit`); returns at once.
     fn quit(&self);
     /// One entry per vCPU, by index (`query-cpus-fast`).

@@ -1,7 +1,7 @@
 //! The QMP socket: one client at a time, on one thread.
 //!
 //! The thread polls (accept on a non-blocking listener, reads with a timeout) so that
-//! [`Server::stop`] and [`Server::notify_shutdown`] take effect within [`POLL`] whatever
+//! [`Server::shut_down`] and [`Server::notify_shutdown`] take effect within [`POLL`] whatever
 //! the client does (a client that trickles bytes forever included); a client that stops
 //! reading is dropped after [`WRITE_TIMEOUT`].
 
@@ -113,12 +113,13 @@ impl Server {
         self.flags.shutdown_pending.store(true, Ordering::Release);
     }
 
-    /// Stops serving: the client, if any, is disconnected, after any pending SHUTDOWN event.
-    pub fn stop(mut self) {
-        self.shut_down();
+    /// Stops serving: the client, if any, is disconnected, after any pending SHUTDOWN event;
+    /// the thread is joined and the socket file removed. Dropping the server does the same.
+    pub fn shut_down(mut self) {
+        self.stop_serving();
     }
 
-    fn shut_down(&mut self) {
+    fn stop_serving(&mut self) {
         let Some(thread) = self.thread.take() else {
             return;
         };
@@ -137,7 +138,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.shut_down();
+        self.stop_serving();
     }
 }
 

@@ -1,4 +1,4 @@
-//! QMP against QEMU's texts (REFERENCE.md §5.7, §5.8), driven through [`Session`] and
+//! QMP against QEMU's texts (docs/qmp.md), driven through [`Session`] and
 //! through the socket.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -94,7 +94,7 @@ fn greeting_is_qemu_7_2_in_qemu_style() {
     );
 }
 
-/// REFERENCE.md §5.8, row by row, on one session. QEMU 7.2 had no `calc-time-unit`; dirtyvm
+/// docs/qmp.md#a-real-session, row by row, on one session. QEMU 7.2 had no `calc-time-unit`; dirtyvm
 /// follows the newer schema, which adds it to `query-dirty-rate`.
 #[test]
 fn reference_exchange() {
@@ -1090,7 +1090,7 @@ fn socket_serves_one_client_after_another() {
     drop(waiting);
 
     let started = Instant::now();
-    server.stop();
+    server.shut_down();
     assert!(started.elapsed() < Duration::from_secs(1));
     assert!(!path.exists(), "stop removes the socket file");
 }
@@ -1121,7 +1121,7 @@ fn socket_survives_a_2_mib_garbage_line() {
     next.send("{\"execute\":\"qmp_capabilities\"}{\"execute\":\"query-status\"}");
     assert_eq!(next.line(), Some(json!({"return": {}})));
     assert_eq!(next.line().unwrap()["return"]["running"], true);
-    server.stop();
+    server.shut_down();
 }
 
 #[test]
@@ -1137,7 +1137,7 @@ fn socket_tells_the_client_of_a_shutdown_and_stops_promptly() {
     );
     // The client stays connected and idle: stop must not wait for it.
     let started = Instant::now();
-    server.stop();
+    server.shut_down();
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(client.line(), None);
 }
@@ -1157,7 +1157,7 @@ fn socket_file_checks() {
         .expect("the path is in use");
     assert_eq!(error.kind(), ErrorKind::AddrInUse);
     assert!(error.to_string().contains("another process serves QMP"));
-    server.stop();
+    server.shut_down();
 
     // Nor is anything that is not a socket.
     let path = socket_path("file");

@@ -11,7 +11,7 @@ use super::{
 use crate::limit::LimitError;
 use crate::rate::RateRequest;
 use crate::tracking::DirtyLog;
-use crate::vcpu::StopReason;
+use crate::vm::vcpu::StopReason;
 use crate::vmm::Machine;
 
 /// QMP's view of a machine.
@@ -32,16 +32,16 @@ impl Backend for MachineBackend {
         self.machine.running()
     }
 
-    fn stop(&self) {
+    fn pause(&self) {
         self.machine.pause();
     }
 
-    fn cont(&self) {
+    fn resume(&self) {
         self.machine.resume();
     }
 
     fn quit(&self) {
-        self.machine.stop().request(StopReason::Quit);
+        self.machine.stop_request().request(StopReason::Quit);
     }
 
     fn cpus(&self) -> Vec<CpuInfo> {

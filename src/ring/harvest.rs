@@ -8,10 +8,11 @@ use crate::sync::Ordering;
 /// What one [`Harvester::harvest`] call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Harvest {
-    /// Entries marked RESET, bad ones included: what the next
+    /// Entries collected (marked RESET), bad ones included: what the next
     /// `KVM_RESET_DIRTY_RINGS` should report for this ring, unless another
-    /// thread resets concurrently.
-    pub harvested: u32,
+    /// thread resets concurrently. The pages harvested are these minus
+    /// [`Harvest::bad_entries`].
+    pub collected: u32,
     /// Entries that failed the [`SlotBounds`] check: marked RESET but not
     /// passed to the `dirtied` callback.
     pub bad_entries: u32,
@@ -120,7 +121,7 @@ impl Harvester {
             }
         }
         Harvest {
-            harvested: pass.cursor.next.wrapping_sub(start),
+            collected: pass.cursor.next.wrapping_sub(start),
             bad_entries: pass.bad_entries,
             foreign_flag_bits: pass.foreign_flag_bits,
         }

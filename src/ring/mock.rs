@@ -141,7 +141,7 @@ impl<S: SlotStore> MockKernel<S> {
     }
 
     /// Publishes a dirtied page even if the ring is full, as the kernel does
-    /// when its soft-full exit came too late (see HOST-NOTES): it warns once and
+    /// when its soft-full exit came too late (docs/host.md#late-ring-full-exits-overflows-and-wedged-rings): it warns once and
     /// overwrites the entry at its dirty index, the oldest one not yet reset.
     /// The lost payload is gone and `dirty_index` runs ahead of everything the
     /// harvester and the reset walk can reach, which wedges the ring once it has

@@ -48,11 +48,12 @@
 //! layout from a `u32`, so they cannot be overlaid on the kernel's mmap'd ring.
 //! The seam is therefore the slot store, not the atomic type: the harvest logic
 //! is generic over [`SlotStore`], implemented by the mmap-backed ring in
-//! `crate::kvm` and by the heap-backed [`HeapRing`], each handing out its entries
+//! `crate::vm::kvm` and by the heap-backed `HeapRing` (a test double, built for tests and
+//! with the `testing` feature), each handing out its entries
 //! as one slice ([`SlotStore::gfns`]) that the harvester walks without a
 //! per-entry index check. [`DirtyGfn`] is built from
 //! `crate::sync` atomics, which are loom's under `cfg(loom)`; loom then drives a
-//! [`HeapRing`] shared between the [`Harvester`] and a [`MockKernel`], a model of
+//! `HeapRing` shared between the [`Harvester`] and a `MockKernel`, a model of
 //! the kernel's producer and reset walk. Tests, benches and the fuzz target use
 //! the same pair without loom.
 //!
@@ -60,8 +61,8 @@
 //!
 //! On hosts whose soft-full exit comes late the kernel can push past a full ring
 //! (it only warns). The entry at the harvest index then stays empty, the reset
-//! returns 0 and the vCPU exits with ring-full forever. [`MockKernel`] can
-//! reproduce this ([`MockKernel::push_overflowing`]), and [`peek`] lets recovery
+//! returns 0 and the vCPU exits with ring-full forever. `MockKernel` can
+//! reproduce this (`MockKernel::push_overflowing`), and [`peek`] lets recovery
 //! code inspect entries past the cursor without harvesting them.
 
 use dirtyvm_sys::{
@@ -73,13 +74,17 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 mod entry;
 mod harvest;
+#[cfg(any(test, feature = "testing"))]
 mod heap;
+#[cfg(any(test, feature = "testing"))]
 mod mock;
 mod recover;
 
 pub use entry::{BadEntry, DirtyEntry, SlotBounds};
 pub use harvest::{Harvest, Harvester};
+#[cfg(any(test, feature = "testing"))]
 pub use heap::HeapRing;
+#[cfg(any(test, feature = "testing"))]
 pub use mock::{MockKernel, RingFull};
 pub use recover::first_dirty_after;
 
@@ -136,7 +141,7 @@ impl Default for DirtyGfn {
 }
 
 /// Storage for one vCPU's ring: the seam between the harvest protocol and the
-/// memory it runs on (the kernel's mmap, or [`HeapRing`] for tests and loom).
+/// memory it runs on (the kernel's mmap, or `HeapRing` for tests and loom).
 pub trait SlotStore {
     /// The ring's entries, contiguous: their number is a power of two, constant
     /// for the ring's life.

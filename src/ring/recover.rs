@@ -106,7 +106,7 @@ mod tests {
         assert_eq!(
             harvester
                 .harvest(kernel.store(), &bounds, |_, _| {})
-                .harvested,
+                .collected,
             0
         );
         assert_eq!(kernel.reset(), 0, "wedged: nothing to reset");
@@ -117,7 +117,7 @@ mod tests {
         assert_eq!(harvester.skip_lost(kernel.store(), 3), 3);
         let mut pages = Vec::new();
         let h = harvester.harvest(kernel.store(), &bounds, |_, p| pages.push(p));
-        assert_eq!((h.harvested, pages), (5, vec![3, 4, 5, 6, 7]));
+        assert_eq!((h.collected, pages), (5, vec![3, 4, 5, 6, 7]));
         assert_eq!(
             kernel.reset(),
             8,
@@ -127,7 +127,7 @@ mod tests {
         assert_eq!(
             harvester
                 .harvest(kernel.store(), &bounds, |_, _| {})
-                .harvested,
+                .collected,
             1
         );
     }

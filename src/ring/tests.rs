@@ -105,7 +105,7 @@ fn ring_round_trip_in_order() {
     assert_eq!(
         tally,
         Harvest {
-            harvested: 10,
+            collected: 10,
             bad_entries: 0,
             foreign_flag_bits: 0
         }
@@ -115,7 +115,7 @@ fn ring_round_trip_in_order() {
     // Harvesting frees nothing.
     assert_eq!(kernel.used(), 10);
     let (reset, reprotected) = reset_all(&mut kernel);
-    assert_eq!(reset, tally.harvested);
+    assert_eq!(reset, tally.collected);
     assert_eq!(
         reprotected,
         (0..10)
@@ -124,7 +124,7 @@ fn ring_round_trip_in_order() {
     );
     assert_eq!(kernel.used(), 0);
     // Nothing left: a second harvest and reset find nothing.
-    assert_eq!(harvest_all(&mut h, &ring, &bounds()).0.harvested, 0);
+    assert_eq!(harvest_all(&mut h, &ring, &bounds()).0.collected, 0);
     assert_eq!(kernel.reset(), 0);
 }
 
@@ -151,7 +151,7 @@ fn ring_exactly_full_harvests_every_entry_once() {
         assert!(kernel.is_full());
         assert_eq!(kernel.push(1, 0), Err(RingFull { entries: 8 }));
         let (tally, seen) = harvest_all(&mut h, &ring, &bounds());
-        assert_eq!(tally.harvested, 8);
+        assert_eq!(tally.collected, 8);
         assert_eq!(seen, (0..8).map(|i| (1, round * 8 + i)).collect::<Vec<_>>());
         // Still full until the reset.
         assert!(kernel.is_full());
@@ -176,7 +176,7 @@ fn ring_cursor_wraps_around_u32() {
             next += 1;
         }
         let (tally, seen) = harvest_all(&mut h, &ring, &bounds());
-        assert_eq!(tally.harvested, 5);
+        assert_eq!(tally.collected, 5);
         assert_eq!(seen, expected);
         expected.clear();
         let (reset, reprotected) = reset_all(&mut kernel);
@@ -202,7 +202,7 @@ fn ring_bad_entries_are_counted_and_still_reset() {
     assert_eq!(
         tally,
         Harvest {
-            harvested: 5,
+            collected: 5,
             bad_entries: 3,
             foreign_flag_bits: 0
         }
@@ -224,13 +224,13 @@ fn ring_harvest_stops_at_first_entry_not_exactly_dirty() {
     // set, so it is not DIRTY and the harvest must stop there, not skip it.
     ring.gfn(2).flags.store(3, Ordering::Relaxed);
     let (tally, seen) = harvest_all(&mut h, &ring, &bounds());
-    assert_eq!(tally.harvested, 2);
+    assert_eq!(tally.collected, 2);
     assert_eq!(seen, vec![(1, 0), (1, 1)]);
     assert_eq!(h.cursor(), 2);
     // Entry 3 is untouched: still DIRTY, never written back.
     assert_eq!(ring.gfn(3).flags.load(Ordering::Relaxed), 1);
     // The stop is sticky: a second call does not skip entry 2 either.
-    assert_eq!(harvest_all(&mut h, &ring, &bounds()).0.harvested, 0);
+    assert_eq!(harvest_all(&mut h, &ring, &bounds()).0.collected, 0);
     // Entry 2 is RESET from the reset walk's point of view (bit test).
     assert_eq!(kernel.reset(), 3);
 }
@@ -249,7 +249,7 @@ fn ring_foreign_flag_bits_are_ignored_but_counted() {
     assert_eq!(
         tally,
         Harvest {
-            harvested: 2,
+            collected: 2,
             bad_entries: 0,
             foreign_flag_bits: 1
         }
@@ -277,7 +277,7 @@ fn ring_harvest_and_reset_interleave_with_pushes() {
         }
         if step % 2 == 0 {
             let (tally, seen) = harvest_all(&mut h, &ring, &bounds());
-            assert_eq!(tally.harvested as usize, seen.len());
+            assert_eq!(tally.collected as usize, seen.len());
             harvested.extend(seen);
         }
         if step % 4 == 3 {
@@ -301,7 +301,7 @@ fn ring_harvest_stops_after_one_lap() {
     let tally = h.harvest(&ring, &bounds(), |_, _| {
         ring.gfn(0).flags.store(1, Ordering::Relaxed);
     });
-    assert_eq!(tally.harvested, 4);
+    assert_eq!(tally.collected, 4);
     assert_eq!(h.cursor(), 4);
 }
 
@@ -325,7 +325,7 @@ fn ring_cursor_stays_consistent_when_the_callback_panics() {
     assert_eq!(ring.gfn(0).flags.load(Ordering::Relaxed), 2);
     assert_eq!(ring.gfn(1).flags.load(Ordering::Relaxed), 1);
     let (tally, seen) = harvest_all(&mut h, &ring, &bounds());
-    assert_eq!((tally.harvested, seen), (2, vec![(1, 1), (1, 2)]));
+    assert_eq!((tally.collected, seen), (2, vec![(1, 1), (1, 2)]));
     assert_eq!(kernel.reset(), 3);
 }
 
@@ -356,7 +356,7 @@ fn ring_overflow_wedges_the_ring_like_this_host() {
     assert!(kernel.push_overflowing(1, 101));
     assert!(kernel.overflowed());
     let (tally, seen) = harvest_all(&mut h, &ring, &bounds());
-    assert_eq!(tally.harvested, 8);
+    assert_eq!(tally.collected, 8);
     // Pages 0 and 1 are lost.
     assert_eq!(seen[..3], [(1, 100), (1, 101), (1, 2)]);
     assert_eq!(kernel.reset(), 8);
@@ -366,7 +366,7 @@ fn ring_overflow_wedges_the_ring_like_this_host() {
     }
     let (flags, _) = peek(&ring, h.cursor());
     assert_eq!(flags, 0, "the entry at the harvest index is not DIRTY");
-    assert_eq!(harvest_all(&mut h, &ring, &bounds()).0.harvested, 0);
+    assert_eq!(harvest_all(&mut h, &ring, &bounds()).0.collected, 0);
     assert_eq!(kernel.reset(), 0);
     // The pushed entries sit past the cursor, where recovery can find them.
     let (flags, entry) = peek(&ring, h.cursor().wrapping_add(2));

@@ -5,7 +5,7 @@
 //!
 //! The reference design reaps once a second, which a full-speed writer outruns: on this
 //! host a 65536-entry ring fills in under half a second, and a ring that fills overflows and
-//! loses pages (HOST-NOTES). The published adaptive designs step through fixed levels
+//! loses pages (docs/host.md#late-ring-full-exits-overflows-and-wedged-rings). The published adaptive designs step through fixed levels
 //! (Chongyun Wu's six buckets) or nudge the delay (Peter Xu's `/2` above 80 % fill, `+20 ms`
 //! below 20 %) from the fill each reap saw; both need many reaps to settle, and both are
 //! blind to what they have not seen: a vCPU that was slow (its first pass pays for page
@@ -27,15 +27,15 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::Tracker;
 use crate::sched::{self, Policy};
-use crate::tracking::Tracker;
-use crate::vcpu::{kick_and_wait, Stop, StopReason, VcpuControl};
+use crate::sync::{Guard, Rounds, Shared, Worker};
+use crate::vm::vcpu::{kick_and_wait, StopReason, StopRequest, VcpuControl};
 
 /// Shortest adaptive interval.
 const MIN_INTERVAL: Duration = Duration::from_millis(5);
@@ -101,37 +101,33 @@ pub struct ReaperStats {
 #[derive(Debug)]
 struct State {
     interval: Duration,
+    /// When the last reap ended.
+    reaped_at: Instant,
     reaps: u64,
     flushes_requested: u64,
     flushes_done: u64,
-    quit: bool,
-    policy: Policy,
+    /// `None` until the thread has asked for `SCHED_FIFO`.
+    policy: Option<Policy>,
     adaptive: Adaptive,
+    /// A reap failed: the VM is stopping and the reaper with it.
+    failed: bool,
 }
 
-#[derive(Debug)]
-struct Shared {
-    tracker: Arc<Tracker>,
-    vcpus: Vec<Arc<VcpuControl>>,
-    cadence: Cadence,
-    state: Mutex<State>,
-    /// Signalled on a flush request or quit.
-    wake: Condvar,
-    /// Signalled after every reap.
-    reaped: Condvar,
-}
+impl Rounds for State {
+    fn active(&self) -> bool {
+        !self.failed
+    }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn next_round(&self) -> Option<Instant> {
+        Some(self.reaped_at + self.interval)
     }
 }
 
-/// The running reaper thread.
+/// The reaper thread.
 #[derive(Debug)]
 pub struct Reaper {
-    shared: Arc<Shared>,
-    handle: Mutex<Option<JoinHandle<()>>>,
+    cadence: Cadence,
+    worker: Worker<State>,
 }
 
 impl Reaper {
@@ -141,131 +137,118 @@ impl Reaper {
         tracker: Arc<Tracker>,
         vcpus: Vec<Arc<VcpuControl>>,
         cadence: Cadence,
-        stop: Arc<Stop>,
+        stop: Arc<StopRequest>,
     ) -> std::io::Result<Reaper> {
         let interval = match cadence {
             Cadence::Adaptive => MIN_INTERVAL,
             Cadence::Fixed(d) => d,
         };
-        let shared = Arc::new(Shared {
-            tracker,
-            vcpus,
-            cadence,
-            state: Mutex::new(State {
-                interval,
-                reaps: 0,
-                flushes_requested: 0,
-                flushes_done: 0,
-                quit: false,
-                policy: Policy::Other,
-                adaptive: Adaptive::default(),
-            }),
-            wake: Condvar::new(),
-            reaped: Condvar::new(),
+        let state = State {
+            interval,
+            reaped_at: Instant::now(),
+            reaps: 0,
+            flushes_requested: 0,
+            flushes_done: 0,
+            policy: None,
+            adaptive: Adaptive::default(),
+            failed: false,
+        };
+        let worker = Worker::new("reaper", state, move |shared, guard| {
+            reap(shared, guard, &tracker, &vcpus, cadence, &stop)
         });
-        let thread_shared = shared.clone();
-        let handle = thread::Builder::new()
-            .name("reaper".into())
-            .spawn(move || reaper_loop(&thread_shared, &stop))?;
-        Ok(Reaper {
-            shared,
-            handle: Mutex::new(Some(handle)),
-        })
+        worker.start()?;
+        Ok(Reaper { cadence, worker })
     }
 
     /// Kicks every vCPU out of `KVM_RUN` (flushing hardware dirty buffers into the rings),
     /// then reaps; returns once that reap is done, so every write made before the call is
     /// in the tracker's counters and dirty-page set. False if the reaper stopped first.
     pub fn flush(&self) -> bool {
-        let mut state = self.shared.lock();
+        let mut state = self.worker.lock();
         state.flushes_requested += 1;
         let ticket = state.flushes_requested;
-        self.shared.wake.notify_all();
-        let state = self
-            .shared
-            .reaped
-            .wait_while(state, |s| s.flushes_done < ticket && !s.quit)
-            .unwrap_or_else(|e| e.into_inner());
+        if self.worker.wake(state).is_err() {
+            return false;
+        }
+        let (state, _) = self
+            .worker
+            .shared()
+            .wait_while(self.worker.lock(), None, |s| {
+                s.flushes_done < ticket && !s.failed
+            });
         state.flushes_done >= ticket
     }
 
     /// The reaper's state.
     pub fn stats(&self) -> ReaperStats {
-        let state = self.shared.lock();
+        let state = self.worker.lock();
         ReaperStats {
-            mode: self.shared.cadence.to_string(),
+            mode: self.cadence.to_string(),
             reaps: state.reaps,
             flushes: state.flushes_done,
             interval_ms: state.interval.as_secs_f64() * 1e3,
-            policy: state.policy.name(),
+            policy: state.policy.unwrap_or(Policy::Other).name(),
         }
     }
 
     /// Stops the thread after its current reap and joins it. Idempotent.
-    pub fn stop(&self) {
-        self.shared.lock().quit = true;
-        self.shared.wake.notify_all();
-        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(Err(panic)) = handle.map(JoinHandle::join) {
-            std::panic::resume_unwind(panic);
-        }
+    pub fn shut_down(&self) {
+        self.worker.stop();
     }
 }
 
-fn reaper_loop(shared: &Shared, stop: &Stop) {
-    let (policy, refused) = sched::try_fifo(REAPER_PRIORITY);
-    if let Some(e) = refused {
-        warn!("the reaper runs at normal priority (SCHED_FIFO refused: {e})");
-    }
-    shared.lock().policy = policy;
-    loop {
-        let state = shared.lock();
-        let interval = state.interval;
-        let (state, _) = shared
-            .wake
-            .wait_timeout_while(state, interval, |s| {
-                !s.quit && s.flushes_done == s.flushes_requested
-            })
-            .unwrap_or_else(|e| e.into_inner());
-        if state.quit {
-            break;
+/// One round of the reaper thread: a flush if one was asked for, a reap, the next interval.
+fn reap<'a>(
+    shared: &'a Shared<State>,
+    mut state: Guard<'a, State>,
+    tracker: &Tracker,
+    vcpus: &[Arc<VcpuControl>],
+    cadence: Cadence,
+    stop: &StopRequest,
+) -> Guard<'a, State> {
+    if state.policy.is_none() {
+        let (policy, refused) = sched::try_fifo(REAPER_PRIORITY);
+        if let Some(e) = refused {
+            warn!("the reaper runs at normal priority (SCHED_FIFO refused: {e})");
         }
-        let flush =
-            (state.flushes_done < state.flushes_requested).then_some(state.flushes_requested);
-        drop(state);
+        state.policy = Some(policy);
+    }
+    let flush = (state.flushes_done < state.flushes_requested).then_some(state.flushes_requested);
+    drop(state);
 
-        if flush.is_some() {
-            kick_and_wait(&shared.vcpus);
-        }
-        if let Err(e) = shared.tracker.reap() {
-            stop.request(StopReason::Failed(format!(
-                "the reaper's harvest failed: {e}"
-            )));
-            break;
-        }
-        let counts: Vec<_> = (0..shared.vcpus.len() as u32)
-            .map(|id| shared.tracker.vcpu(id).snapshot())
-            .collect();
-        let ring_full: u64 = counts.iter().map(|c| c.ring_full_exits).sum();
-        let produced: Vec<u64> = counts.iter().map(|c| c.entries_produced()).collect();
-        let mut state = shared.lock();
-        state.reaps += 1;
-        if let Some(ticket) = flush {
-            state.flushes_done = ticket;
-        }
-        if shared.cadence == Cadence::Adaptive {
-            let entries = shared.tracker.ring_entries();
-            let interval = state.interval;
-            state.interval =
-                state
-                    .adaptive
-                    .next(interval, Instant::now(), &produced, entries, ring_full);
-        }
-        shared.reaped.notify_all();
+    if flush.is_some() {
+        kick_and_wait(vcpus);
     }
+    let reaped = tracker.reap();
+    let counts: Vec<_> = (0..vcpus.len() as u32)
+        .map(|id| tracker.vcpu(id).snapshot())
+        .collect();
     let mut state = shared.lock();
-    state.quit = true;
-    shared.reaped.notify_all();
+    if let Err(e) = reaped {
+        stop.request(StopReason::Failed(format!(
+            "the reaper's harvest failed: {e}"
+        )));
+        state.failed = true;
+        shared.notify();
+        return state;
+    }
+    let ring_full: u64 = counts.iter().map(|c| c.ring_full_exits).sum();
+    let produced: Vec<u64> = counts.iter().map(|c| c.entries_produced()).collect();
+    let now = Instant::now();
+    state.reaps += 1;
+    state.reaped_at = now;
+    if let Some(ticket) = flush {
+        state.flushes_done = ticket;
+    }
+    if cadence == Cadence::Adaptive {
+        let entries = tracker.ring_entries();
+        let interval = state.interval;
+        state.interval = state
+            .adaptive
+            .next(interval, now, &produced, entries, ring_full);
+    }
+    shared.notify();
+    state
 }
 
 /// The adaptive cadence's memory (module docs).

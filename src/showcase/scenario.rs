@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::guest::{GuestStats, Workload};
 use crate::limit::LimitAlgo;
 use crate::rate::{RateMode, RateRequest, RateStatus};
 use crate::tracking::DirtyLog;
 use crate::units::pages_to_mibps;
+use crate::vm::guest::{GuestStats, Workload};
 use crate::vmm::{Machine, VmConfig, VmmError};
 
 /// How often convergence samples the writer's ground truth.
@@ -36,7 +36,7 @@ pub fn boot_warm(config: &VmConfig) -> Result<Machine, VmmError> {
                 plan.workload.writes() && s.passes == 0 && s.pages_written < plan.workload.pages()
             })
     };
-    while cold(&machine) && machine.stop().reason().is_none() && Instant::now() < deadline {
+    while cold(&machine) && machine.stop_request().reason().is_none() && Instant::now() < deadline {
         sleep(Duration::from_millis(20));
     }
     Ok(machine)
@@ -96,7 +96,7 @@ pub fn accuracy(
 ) -> Result<Vec<AccuracyRow>, VmmError> {
     let workload: Workload = writer
         .parse()
-        .map_err(|e: crate::guest::SpecError| VmmError::BadConfig(e.to_string()))?;
+        .map_err(|e: crate::vm::guest::SpecError| VmmError::BadConfig(e.to_string()))?;
     let mut rows = Vec::new();
     for (log, modes) in [
         (
@@ -190,7 +190,7 @@ pub struct ConvergenceRow {
     /// Ring-full exits during the scenario.
     pub ring_full_exits: u64,
     /// Ring overflows detected during the scenario.
-    pub wedged_rings: u64,
+    pub ring_overflows: u64,
     /// The auto-converge percentage reached.
     pub throttle_pct: Option<u8>,
 }
@@ -247,7 +247,7 @@ pub fn convergence(
     let machine = boot_warm(&config)?;
     let free = truth_rates(&machine, warmup);
     let ring_full_before = ring_full_exits(&machine);
-    let wedged_before = machine.tracker().wedged_rings();
+    let overflows_before = machine.tracker().ring_overflows();
     let set = match controller {
         Controller::Limit(algo) => machine.limiter().set_limit(None, limit, Some(algo)),
         Controller::AutoConverge => machine.limiter().set_auto_converge(limit),
@@ -262,7 +262,7 @@ pub fn convergence(
     let throttle_pct = machine.limiter().throttle().map(|t| t.percent);
     let row_counters = (
         ring_full_exits(&machine) - ring_full_before,
-        machine.tracker().wedged_rings() - wedged_before,
+        machine.tracker().ring_overflows() - overflows_before,
     );
     machine.shutdown()?;
 
@@ -323,7 +323,7 @@ pub fn convergence(
             },
             held: held < trace.len(),
             ring_full_exits: row_counters.0,
-            wedged_rings: row_counters.1,
+            ring_overflows: row_counters.1,
             throttle_pct,
         },
         trace,
@@ -374,7 +374,7 @@ pub fn print_convergence(rows: &[ConvergenceRow]) {
         "mean |err|",
         "reader",
         "ring-full",
-        "wedges"
+        "overflows"
     );
     for r in rows {
         let converge = r
@@ -398,7 +398,7 @@ pub fn print_convergence(rows: &[ConvergenceRow]) {
             r.mean_abs_error_pct,
             r.reader_pct,
             r.ring_full_exits,
-            r.wedged_rings
+            r.ring_overflows
         );
     }
 }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 
-use crate::kvm::{ImmediateExit, Vcpu, VcpuExit, KICK_SIGNAL};
-use crate::limit::PenaltySlot;
-use crate::tracking::{RingFullError, Tracker};
+use super::handoff::PenaltySlot;
+use super::kvm::{ImmediateExit, Vcpu, VcpuExit, KICK_SIGNAL};
+use crate::sync::lock;
 use crate::units::monotonic_ns;
 
 /// Why the VM is stopping. The first reason given wins.
@@ -45,30 +45,27 @@ impl fmt::Display for StopReason {
 
 /// The VM-wide stop request: set once, waited on by the launcher.
 #[derive(Debug, Default)]
-pub struct Stop {
+pub struct StopRequest {
     reason: Mutex<Option<StopReason>>,
     changed: Condvar,
 }
 
-impl Stop {
+impl StopRequest {
     /// Requests a stop; a later request does not replace the first reason.
     pub fn request(&self, reason: StopReason) {
-        let mut current = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = lock(&self.reason);
         current.get_or_insert(reason);
         self.changed.notify_all();
     }
 
     /// The stop reason, if a stop was requested.
     pub fn reason(&self) -> Option<StopReason> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.reason).clone()
     }
 
     /// Waits up to `timeout` for a stop request.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<StopReason> {
-        let current = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let current = lock(&self.reason);
         let (current, _) = self
             .changed
             .wait_timeout_while(current, timeout, |r| r.is_none())
@@ -146,7 +143,7 @@ impl VcpuControl {
     /// Makes the vCPU leave `KVM_RUN` (or its halt) and look at its requests.
     pub fn kick(&self) {
         self.immediate_exit.set();
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        let thread = lock(&self.thread);
         if let Some((pthread, handle)) = thread.as_ref() {
             // The thread is registered, so it is alive: the signal cannot hit a reused id.
             let _ = pthread_kill(*pthread, KICK_SIGNAL);
@@ -157,7 +154,7 @@ impl VcpuControl {
     /// Wakes the vCPU thread if it sleeps outside `KVM_RUN` (a penalty, a pause, a halt), so
     /// it looks at its requests again; a vCPU in the guest is not disturbed.
     pub fn wake(&self) {
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+        let thread = lock(&self.thread);
         if let Some((_, handle)) = thread.as_ref() {
             handle.unpark();
         }
@@ -298,6 +295,13 @@ impl PenaltyTime {
     }
 }
 
+/// Whoever empties a vCPU's dirty ring when the vCPU exits because it is full (the tracker):
+/// the vCPU thread calls it before it re-enters the guest.
+pub trait RingFullHandler: Send + Sync {
+    /// Makes room in vCPU `id`'s ring; an error stops the vCPU with it.
+    fn ring_full(&self, id: u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
 /// A running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuThread {
@@ -308,7 +312,11 @@ pub struct VcpuThread {
 impl VcpuThread {
     /// Starts a thread running `vcpu`; its ring-full exits go to `tracker`; a fatal exit
     /// requests a VM stop through `stop`.
-    pub fn spawn(vcpu: Vcpu, tracker: Arc<Tracker>, stop: Arc<Stop>) -> io::Result<VcpuThread> {
+    pub fn spawn(
+        vcpu: Vcpu,
+        ring_full: Arc<dyn RingFullHandler>,
+        stop: Arc<StopRequest>,
+    ) -> io::Result<VcpuThread> {
         let control = Arc::new(VcpuControl {
             id: vcpu.id(),
             stop: AtomicBool::new(false),
@@ -327,7 +335,7 @@ impl VcpuThread {
             .name(format!("vcpu{}", vcpu.id()))
             .spawn(move || {
                 let id = vcpu.id();
-                if let Err(error) = run_loop(vcpu, &shared, &tracker) {
+                if let Err(error) = run_loop(vcpu, &shared, &*ring_full) {
                     stop.request(StopReason::VcpuFailed {
                         id,
                         error: error.to_string(),
@@ -360,7 +368,7 @@ pub enum VcpuError {
     /// The guest did something the built-in programs never do.
     UnexpectedExit(VcpuExit),
     /// A ring-full exit could not be handled.
-    RingFull(RingFullError),
+    RingFull(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl fmt::Display for VcpuError {
@@ -373,9 +381,14 @@ impl fmt::Display for VcpuError {
     }
 }
 
-fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, tracker: &Tracker) -> Result<(), VcpuError> {
-    *control.thread.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some((pthread_self(), thread::current()));
+impl std::error::Error for VcpuError {}
+
+fn run_loop(
+    mut vcpu: Vcpu,
+    control: &VcpuControl,
+    ring_full: &dyn RingFullHandler,
+) -> Result<(), VcpuError> {
+    *lock(&control.thread) = Some((pthread_self(), thread::current()));
     control
         .tid
         .store(nix::unistd::gettid().as_raw().into(), Ordering::Relaxed);
@@ -400,12 +413,12 @@ fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, tracker: &Tracker) -> Result<
         control.exits.all.fetch_add(1, Ordering::Release);
         match exit {
             Ok(VcpuExit::DirtyRingFull) => {
-                if let Err(e) = tracker.ring_full(control.id) {
+                if let Err(e) = ring_full.ring_full(control.id) {
                     break Err(VcpuError::RingFull(e));
                 }
             }
             Ok(VcpuExit::Interrupted) => {
-                control.immediate_exit.clear();
+                control.immediate_exit.take();
                 control.exits.interrupted.fetch_add(1, Ordering::Relaxed);
             }
             Ok(VcpuExit::Hlt) => {
@@ -420,7 +433,7 @@ fn run_loop(mut vcpu: Vcpu, control: &VcpuControl, tracker: &Tracker) -> Result<
             Err(e) => break Err(VcpuError::Run(e)),
         }
     };
-    *control.thread.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *lock(&control.thread) = None;
     result
 }
 

@@ -4,11 +4,11 @@
 //! Every harvest-and-reset (and every bitmap get-and-clear) runs under one lock, so the
 //! count `KVM_RESET_DIRTY_RINGS` returns can be checked against what was harvested, and
 //! pages are published to the dirty-page set only after the reset re-protected them
-//! (REFERENCE §7.8).
+//! (docs/kernel.md#reset-before-reading-page-contents).
 //!
 //! # Overflowed rings
 //!
-//! A kernel whose ring-full exit comes late (HOST-NOTES) pushes past a full ring and
+//! A kernel whose ring-full exit comes late (docs/host.md#late-ring-full-exits-overflows-and-wedged-rings) pushes past a full ring and
 //! overwrites entries: pages are lost, and the ring can wedge (every `KVM_RUN` exits
 //! ring-full, the reset returns 0). Two signs give an overflow away: the first is checked on
 //! every harvest; the second on every harvest that hands pages or counts to a consumer and
@@ -21,7 +21,7 @@
 //!   kernel publishes entries in order, so the entries in the gap were pushed and then lost.
 //!
 //! On either, the dirty-page set is marked incomplete (its next take is every page), the
-//! overflow is counted (`wedged_rings` in the report) and reported on stderr, and the ring
+//! overflow is counted (`ring_overflows` in the report) and reported on stderr, and the ring
 //! is recovered: the lost entries in the gap are marked harvested so the kernel's reset walk
 //! can pass them, and harvesting goes on behind them. A ring-full exit that still yields
 //! nothing (no gap to close) is recovered by marking lost the entries the kernel must have
@@ -36,14 +36,16 @@ use std::time::{Duration, Instant};
 
 use dirtyvm_sys as sys;
 
-use crate::bitmap::{DirtyPageSet, DirtyPages};
-use crate::guest;
-use crate::kvm::{DirtyRingMap, Vm};
-use crate::rate::{RateEstimate, RateEstimator};
+use super::dirty_set::{DirtyPageSet, DirtyPages};
+use super::estimate::{RateEstimate, RateEstimator};
 use crate::ring::{self, Harvester, SlotBounds, SlotStore};
+use crate::sync::lock;
+use crate::vm::guest;
+use crate::vm::kvm::{DirtyRingMap, Vm};
+use crate::vm::vcpu::RingFullHandler;
 
 /// The dirty tracking mechanism of a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DirtyLog {
     /// No tracking.
     None,
@@ -51,21 +53,6 @@ pub enum DirtyLog {
     Ring,
     /// The per-slot dirty bitmap.
     Bitmap,
-}
-
-impl std::str::FromStr for DirtyLog {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<DirtyLog, String> {
-        match text {
-            "ring" => Ok(DirtyLog::Ring),
-            "bitmap" => Ok(DirtyLog::Bitmap),
-            "none" => Ok(DirtyLog::None),
-            _ => Err(format!(
-                "dirty log '{text}' is not one of ring, bitmap, none"
-            )),
-        }
-    }
 }
 
 impl DirtyLog {
@@ -292,7 +279,9 @@ pub struct Tracker {
     bitmap_harvested: AtomicU64,
     /// Resets whose count differed from what was harvested.
     reset_mismatches: AtomicU64,
-    /// Overflowed rings detected, all vCPUs.
+    /// Ring overflows detected, all vCPUs (each recovered, or counted in `wedged_rings`).
+    ring_overflows: AtomicU64,
+    /// Rings that overflowed and could not be recovered (their vCPU stopped).
     wedged_rings: AtomicU64,
     /// Per-vCPU rates from the harvested counts, updated on every reap.
     estimator: Mutex<RateEstimator>,
@@ -341,6 +330,7 @@ impl Tracker {
             vcpus: (0..vcpus).map(|_| VcpuDirtyStats::default()).collect(),
             bitmap_harvested: AtomicU64::new(0),
             reset_mismatches: AtomicU64::new(0),
+            ring_overflows: AtomicU64::new(0),
             wedged_rings: AtomicU64::new(0),
             estimator: Mutex::new(RateEstimator::new(vcpus)),
         }
@@ -377,17 +367,18 @@ impl Tracker {
     }
 
     /// Overflowed rings detected so far.
+    pub fn ring_overflows(&self) -> u64 {
+        self.ring_overflows.load(Ordering::Relaxed)
+    }
+
+    /// Rings that overflowed and could not be recovered: their vCPU stopped with an error.
     pub fn wedged_rings(&self) -> u64 {
         self.wedged_rings.load(Ordering::Relaxed)
     }
 
     /// The continuous per-vCPU rate estimates (ring mode; zero otherwise).
     pub fn rate_estimates(&self) -> Vec<RateEstimate> {
-        self.estimator
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .estimates()
-            .to_vec()
+        lock(&self.estimator).estimates().to_vec()
     }
 
     /// Resets whose count differed from what had been harvested.
@@ -396,7 +387,7 @@ impl Tracker {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Harvests every ring (or syncs the bitmap) and resets, publishing the dirtied pages.
@@ -424,15 +415,12 @@ impl Tracker {
                     }
                 }
                 self.reset_and_publish(state, collected)?;
-                self.estimator
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .update(
-                        Instant::now(),
-                        self.vcpus
-                            .iter()
-                            .map(|v| v.harvested.load(Ordering::Relaxed)),
-                    );
+                lock(&self.estimator).update(
+                    Instant::now(),
+                    self.vcpus
+                        .iter()
+                        .map(|v| v.harvested.load(Ordering::Relaxed)),
+                );
                 Ok(())
             }
         }
@@ -471,6 +459,7 @@ impl Tracker {
         self.overflowed(id, lost, "ring-full exits harvested nothing");
         let reset = self.reset_and_publish(&mut state, lost)?;
         if reset == 0 {
+            self.wedged_rings.fetch_add(1, Ordering::Relaxed);
             return Err(RingFullError::Wedged(WedgedRing { vcpu: id }));
         }
         state.rings[id as usize].empty_ring_full = 0;
@@ -538,13 +527,13 @@ impl Tracker {
                     window.mark(id, page);
                 }
             });
-            marked += h.harvested;
-            valid += u64::from(h.harvested - h.bad_entries);
+            marked += h.collected;
+            valid += u64::from(h.collected - h.bad_entries);
             let stats = &self.vcpus[id];
             stats
                 .bad_entries
                 .fetch_add(h.bad_entries.into(), Ordering::Relaxed);
-            if h.harvested == entries {
+            if h.collected == entries {
                 ring.suspect = true;
                 self.overflowed(id as u32, 0, "a whole lap of the ring was dirty");
             }
@@ -572,14 +561,14 @@ impl Tracker {
     fn overflowed(&self, vcpu: u32, lost: u32, sign: &str) {
         let stats = &self.vcpus[vcpu as usize];
         stats.lost_entries.fetch_add(lost.into(), Ordering::Relaxed);
-        self.wedged_rings.fetch_add(1, Ordering::Relaxed);
+        self.ring_overflows.fetch_add(1, Ordering::Relaxed);
         self.ram.mark_incomplete();
         // The first overflow of each ring is worth a line; the rest are counted (report).
         if stats.overflows.fetch_add(1, Ordering::Relaxed) == 0 {
             warn!(
                 "vCPU {vcpu}'s dirty ring overflowed ({sign}; {lost} entries \
                  lost): treating all of guest memory as dirty and recovering the ring; later \
-                 overflows are counted in the report (wedged_rings). Larger rings \
+                 overflows are counted in the report (ring_overflows). Larger rings \
                  (--ring-entries) or a faster reaper avoid this"
             );
         }
@@ -619,6 +608,12 @@ impl Tracker {
             window.mark_bitmap(&state.bitmap);
         }
         Ok(())
+    }
+}
+
+impl RingFullHandler for Tracker {
+    fn ring_full(&self, id: u32) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Tracker::ring_full(self, id)?)
     }
 }
 

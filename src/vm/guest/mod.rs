@@ -26,8 +26,8 @@ use std::sync::atomic::Ordering;
 
 use dirtyvm_sys as sys;
 
-use crate::kvm::GuestMemory;
 use crate::units::PAGE_SIZE;
+use crate::vm::kvm::GuestMemory;
 
 /// Slot id of the system slot (page tables, GDT, code, stats).
 pub const SYSTEM_SLOT: u16 = 0;

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::guest::{GuestStats, Size, Workload};
 use crate::limit::LimitAlgo;
-use crate::plot::{Chart, Panel, Phase, Series};
 use crate::rate::{Measurement, RateMode, RateRequest};
-use crate::reaper::ReaperStats;
-use crate::scenario::boot_warm;
+use crate::showcase::plot::{Chart, Panel, Phase, Series};
+use crate::showcase::scenario::boot_warm;
 use crate::tracking::DirtyLog;
+use crate::tracking::ReaperStats;
 use crate::units::pages_to_mibps;
+use crate::vm::guest::{GuestStats, Size, Workload};
 use crate::vmm::{Machine, VmConfig, VmmError};
 
 /// What the demo runs.
@@ -70,7 +70,7 @@ pub struct DemoSummary {
     /// Ring-full exits, all vCPUs.
     pub ring_full_exits: u64,
     /// Ring overflows detected.
-    pub wedged_rings: u64,
+    pub ring_overflows: u64,
     /// Pages harvested in all.
     pub harvested_pages: u64,
     /// The timeline.
@@ -166,7 +166,7 @@ fn measured(machine: &Machine) -> Option<Measurement> {
 /// Fails if a vCPU or a VMM thread of `machine` failed: the demo's numbers would be a dead
 /// guest's.
 fn still_running(machine: &Machine) -> Result<(), VmmError> {
-    match machine.stop().reason() {
+    match machine.stop_request().reason() {
         Some(reason) => Err(VmmError::Io {
             what: "the demo's guest".into(),
             error: std::io::Error::other(reason.to_string()),
@@ -291,7 +291,7 @@ pub fn run(options: &DemoOptions) -> Result<(DemoSummary, String), VmmError> {
         converge_s,
         reaper,
         ring_full_exits,
-        wedged_rings: tracker.wedged_rings(),
+        ring_overflows: tracker.ring_overflows(),
         harvested_pages: tracker.harvested(),
         timeline: rec.points.clone(),
     };
@@ -387,6 +387,6 @@ pub fn print_summary(s: &DemoSummary, limit: f64) {
         "  dirty pages harvested: {}, ring-full exits: {}, ring overflows detected: {}",
         s.harvested_pages,
         s.ring_full_exits,
-        s.wedged_rings
+        s.ring_overflows
     );
 }

@@ -1,11 +1,13 @@
 //! The `kvm_run` area: decoding exits, and the immediate-exit flag used to kick a vCPU.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
 use dirtyvm_sys as sys;
 use memmap2::MmapRaw;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+use crate::vm::handoff;
 
 /// Why `KVM_RUN` returned. Unknown reasons are values, never panics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,17 +112,16 @@ impl ImmediateExit {
         unsafe { &*self.run.as_ptr().add(offset).cast::<AtomicU8>() }
     }
 
-    /// Makes the next `KVM_RUN` return at once. Release: pairs with the vCPU thread's
-    /// Acquire in [`ImmediateExit::clear`], so whatever the kicker published before setting
-    /// the flag is visible to the vCPU once it sees the exit.
+    /// Makes the next `KVM_RUN` return at once; what the kicker published before is
+    /// visible to the vCPU once it takes the request ([`handoff::request_exit`]).
     pub fn set(&self) {
-        self.flag().store(1, Ordering::Release);
+        handoff::request_exit(self.flag());
     }
 
-    /// Lets `KVM_RUN` enter the guest again; called by the vCPU thread after an exit.
-    /// Acquire: pairs with the kicker's Release in [`ImmediateExit::set`].
-    pub fn clear(&self) {
-        self.flag().swap(0, Ordering::Acquire);
+    /// Takes the request and lets `KVM_RUN` enter the guest again; called by the vCPU
+    /// thread after an exit ([`handoff::take_exit_request`]). True if there was a request.
+    pub fn take(&self) -> bool {
+        handoff::take_exit_request(self.flag())
     }
 }
 

@@ -4,10 +4,10 @@ use serde::Serialize;
 
 use crate::limit::LimitReport;
 use crate::rate::Measurement;
-use crate::reaper::ReaperStats;
 use crate::tracking::DirtyLog;
+use crate::tracking::ReaperStats;
 use crate::units::pages_to_mibps;
-use crate::vcpu::StopReason;
+use crate::vm::vcpu::StopReason;
 use crate::vmm::Machine;
 
 /// The run's report. Sections of features not in use are absent.
@@ -31,6 +31,8 @@ pub struct Report {
     pub dirty_pages_harvested: u64,
     /// Ring overflows detected (each would have wedged the ring without recovery); after
     /// one, the dirty-page set's next take reported every page.
+    pub ring_overflows: u64,
+    /// Rings that overflowed and could not be recovered (their vCPU stopped the run).
     pub wedged_rings: u64,
     /// `KVM_RESET_DIRTY_RINGS` calls whose count differed from what had been harvested.
     pub reset_mismatches: u64,
@@ -127,6 +129,7 @@ impl Report {
             bitmap_manual_protect: (tracker.log() == DirtyLog::Bitmap)
                 .then(|| tracker.manual_protect()),
             dirty_pages_harvested: tracker.harvested(),
+            ring_overflows: tracker.ring_overflows(),
             wedged_rings: tracker.wedged_rings(),
             reset_mismatches: tracker.reset_mismatches(),
             reaper: machine.reaper().map(|r| r.stats()),

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use dirtyvm_sys as sys;
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::sync::lock;
 use crate::units::PAGE_SIZE;
 
 /// `ioctl` with no argument or an integer argument passed by value.
@@ -275,10 +276,7 @@ impl Vm {
             flags,
         };
         self.set_user_memory_region(&slot)?;
-        self.keepalive
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(slot.memory.clone());
+        lock(&self.keepalive).push(slot.memory.clone());
         self.slots.push(slot);
         Ok(self.slots.last().expect("just pushed"))
     }
@@ -376,7 +374,7 @@ impl Vm {
     }
 
     /// `KVM_CLEAR_DIRTY_LOG`: re-arms tracking of the pages set in `bitmap`, which covers
-    /// `num_pages` pages from `first_page` (64-aligned, see REFERENCE §3).
+    /// `num_pages` pages from `first_page` (64-aligned, docs/kernel.md#dirty-bitmap).
     pub fn clear_dirty_log(
         &self,
         id: u16,
