@@ -92,11 +92,14 @@ fn limit_holds_the_writer_and_spares_the_reader(algo: LimitAlgo) {
         "{algo}: cancel did not restore the writer: {restored:.1} vs free {free:.1}"
     );
     // The reference algorithm oscillates (that is the benchmark's finding), so only the
-    // quota controller is held to a rate in a 2 s window.
+    // quota controller is held to a rate in a 2 s window: within 10 % of the limit (measured
+    // here: within 3 %, also beside a process spinning on the other core), and so neither
+    // frozen nor let through at twice the limit.
     if algo == LimitAlgo::Quota {
         assert!(
-            limited < free / 2.0,
-            "{algo}: limited {limited:.1} vs free {free:.1} MiB/s"
+            (limited - limit).abs() <= 0.10 * limit,
+            "{algo}: the writer ran at {limited:.1} MiB/s under a limit of {limit:.1} \
+             (free {free:.1} MiB/s)"
         );
     }
     assert!(machine
@@ -154,6 +157,47 @@ fn auto_converge_slows_every_vcpu_alike() {
         "reader slept {:.0} ms, writer {:.0} ms",
         reader.ms_total,
         writer.ms_total
+    );
+}
+
+/// A fixed throttle of P % puts every vCPU to sleep P % of the time (10 ms running, then
+/// `10 × P / (100 − P)` ms asleep), and a writer then dirties at about (1 − P) of its free rate.
+/// Measured here at 50 %: slept 49.4-50.1 % (47.0-48.3 % beside a process spinning on the
+/// other core, which takes CPU time the vCPU threads would sleep in); the writer at 41-50 % of
+/// its free rate (57-76 % beside the spinner: a vCPU that sleeps half the time competes less
+/// for the cores, so it runs faster while it runs). A throttle at half strength sleeps 33 %.
+#[test]
+fn a_fixed_throttle_takes_its_share_of_every_vcpu() {
+    if !common::kvm_available("a_fixed_throttle_takes_its_share_of_every_vcpu") {
+        return;
+    }
+    let (machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
+    let free = rates(&machine, Duration::from_secs(1));
+    machine.limiter().set_throttle_percent(50).unwrap();
+    sleep(Duration::from_millis(300));
+    let slept_before: Vec<f64> = (0..2)
+        .map(|id| machine.limiter().penalty(id).ms_total)
+        .collect();
+    let start = Instant::now();
+    let throttled = rates(&machine, Duration::from_secs(2));
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+    let slept: Vec<f64> = (0..2)
+        .map(|id| machine.limiter().penalty(id).ms_total - slept_before[id as usize])
+        .collect();
+    machine.shutdown().unwrap();
+    for (id, ms) in slept.iter().enumerate() {
+        let share = ms / elapsed_ms;
+        assert!(
+            (0.44..=0.56).contains(&share),
+            "vCPU {id} slept {:.1} % of the time under a 50 % throttle",
+            share * 100.0
+        );
+    }
+    let writer = throttled[0].0 / free[0].0;
+    assert!(
+        (0.40..=0.60).contains(&writer),
+        "the writer ran at {:.1} % of its free rate under a 50 % throttle",
+        writer * 100.0
     );
 }
 

@@ -147,8 +147,8 @@ fn paced_writer_holds(spec: &str, mibps: f64) {
     let rate = (after.pages_written - before.pages_written) as f64 / 256.0 / seconds;
     eprintln!("{spec}: {rate:.2} MiB/s over {seconds:.2} s");
     assert!(
-        (rate - mibps).abs() <= 0.10 * mibps,
-        "{spec} wrote {rate:.2} MiB/s over {seconds:.2} s, not within 10% of {mibps} MiB/s"
+        (rate - mibps).abs() <= 0.02 * mibps,
+        "{spec} wrote {rate:.2} MiB/s over {seconds:.2} s, not within 2% of {mibps} MiB/s"
     );
     assert_eq!(after.pages_read, 0);
 }
