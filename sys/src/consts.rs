@@ -30,6 +30,8 @@ pub const KVM_CAP_NR_MEMSLOTS: u32 = 10;
 pub const KVM_CAP_SET_IDENTITY_MAP_ADDR: u32 = 37;
 /// [`KVM_ENABLE_CAP`] is available on the vCPU fd.
 pub const KVM_CAP_ENABLE_CAP: u32 = 54;
+/// [`KVM_SET_TSC_KHZ`] is available (the guest TSC frequency can be set).
+pub const KVM_CAP_TSC_CONTROL: u32 = 60;
 /// [`KVM_GET_TSC_KHZ`] is available.
 pub const KVM_CAP_GET_TSC_KHZ: u32 = 61;
 /// Returns the maximum number of vCPUs per VM (vCPU ids stay below it).
@@ -170,3 +172,7 @@ pub const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1 << 0;
 /// Enabling dirty logging sets every bit and write-protects nothing;
 /// protection happens gradually in [`KVM_CLEAR_DIRTY_LOG`].
 pub const KVM_DIRTY_LOG_INITIALLY_SET: u64 = 1 << 1;
+
+/// `MSR_IA32_TSC` (arch/x86/include/asm/msr-index.h): the time-stamp counter, the
+/// clock the built-in guest paces itself against; migrated with the vCPU.
+pub const MSR_IA32_TSC: u32 = 0x10;

@@ -123,6 +123,19 @@ pub const KVM_SET_CPUID2: c_ulong = 0x4008_AE90;
 /// direction and size tell them apart.
 pub const KVM_GET_TSC_KHZ: c_ulong = 0xAEA3;
 
+/// `_IOWR(KVMIO, 0x88, struct kvm_msrs)`. vCPU fd; basic (x86). Argument:
+/// [`kvm_msrs`] followed by `nmsrs` entries (see [`MsrBuf`]) whose `index` the
+/// caller sets and whose `data` the kernel fills; returns how many it read.
+pub const KVM_GET_MSRS: c_ulong = 0xC008_AE88;
+
+/// `_IOW(KVMIO, 0x89, struct kvm_msrs)`. vCPU fd; basic (x86). Argument:
+/// [`kvm_msrs`] followed by `nmsrs` entries; returns how many it set.
+pub const KVM_SET_MSRS: c_ulong = 0x4008_AE89;
+
+/// `_IO(KVMIO, 0xa2)`. vCPU fd; needs [`KVM_CAP_TSC_CONTROL`]. Sets the guest
+/// TSC frequency in kHz (the argument, by value).
+pub const KVM_SET_TSC_KHZ: c_ulong = 0xAEA2;
+
 #[cfg(test)]
 mod tests {
     //! Re-derives every literal request number from `_IOC` and the sizes of
@@ -132,8 +145,8 @@ mod tests {
 
     use super::*;
     use crate::structs::{
-        kvm_clear_dirty_log, kvm_cpuid2, kvm_dirty_log, kvm_enable_cap, kvm_regs, kvm_sregs,
-        kvm_userspace_memory_region,
+        kvm_clear_dirty_log, kvm_cpuid2, kvm_dirty_log, kvm_enable_cap, kvm_msrs, kvm_regs,
+        kvm_sregs, kvm_userspace_memory_region,
     };
 
     /// `_IOC_NONE`: no argument, or an integer argument passed by value.
@@ -261,5 +274,22 @@ mod tests {
     #[test]
     fn kvm_get_tsc_khz() {
         assert_eq!(KVM_GET_TSC_KHZ, ioc(NONE, KVMIO, 0xa3, 0));
+    }
+
+    #[test]
+    fn kvm_get_msrs() {
+        let size = size_of::<kvm_msrs>();
+        assert_eq!(KVM_GET_MSRS, ioc(READ | WRITE, KVMIO, 0x88, size));
+    }
+
+    #[test]
+    fn kvm_set_msrs() {
+        let size = size_of::<kvm_msrs>();
+        assert_eq!(KVM_SET_MSRS, ioc(WRITE, KVMIO, 0x89, size));
+    }
+
+    #[test]
+    fn kvm_set_tsc_khz() {
+        assert_eq!(KVM_SET_TSC_KHZ, ioc(NONE, KVMIO, 0xa2, 0));
     }
 }

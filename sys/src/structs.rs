@@ -445,3 +445,74 @@ const_assert_eq!(size_of::<CpuidBuf<256>>(), 8 + 256 * 40);
 const_assert_eq!(align_of::<CpuidBuf<256>>(), 4);
 const_assert_eq!(offset_of!(CpuidBuf<256>, header), 0);
 const_assert_eq!(offset_of!(CpuidBuf<256>, entries), 8);
+
+/// `struct kvm_msr_entry`: one model-specific register for [`KVM_GET_MSRS`] and
+/// [`KVM_SET_MSRS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct kvm_msr_entry {
+    /// The MSR's index, e.g. [`MSR_IA32_TSC`].
+    pub index: u32,
+    /// Unused; zero.
+    pub reserved: u32,
+    /// The value.
+    pub data: u64,
+}
+
+const_assert_eq!(size_of::<kvm_msr_entry>(), 16);
+const_assert_eq!(align_of::<kvm_msr_entry>(), 8);
+const_assert_eq!(offset_of!(kvm_msr_entry, index), 0);
+const_assert_eq!(offset_of!(kvm_msr_entry, reserved), 4);
+const_assert_eq!(offset_of!(kvm_msr_entry, data), 8);
+
+/// `struct kvm_msrs`: the fixed header of [`KVM_GET_MSRS`] / [`KVM_SET_MSRS`]'s
+/// argument, followed in memory by `nmsrs` [`kvm_msr_entry`]s; use [`MsrBuf`]
+/// for header plus entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct kvm_msrs {
+    /// Number of entries following the header.
+    pub nmsrs: u32,
+    /// Unused; zero.
+    pub pad: u32,
+}
+
+const_assert_eq!(size_of::<kvm_msrs>(), 8);
+const_assert_eq!(align_of::<kvm_msrs>(), 4);
+const_assert_eq!(offset_of!(kvm_msrs, nmsrs), 0);
+const_assert_eq!(offset_of!(kvm_msrs, pad), 4);
+
+/// A [`kvm_msrs`] header followed by `N` entries, laid out as the kernel
+/// expects. Not a kernel type. Pass a pointer to the whole buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MsrBuf<const N: usize> {
+    /// The fixed part; `nmsrs` counts the entries.
+    pub header: kvm_msrs,
+    /// The entries.
+    pub entries: [kvm_msr_entry; N],
+}
+
+impl<const N: usize> MsrBuf<N> {
+    /// A buffer of the MSRs `indices`, values zero, `header.nmsrs = N`.
+    pub fn new(indices: [u32; N]) -> Self {
+        Self {
+            header: kvm_msrs {
+                nmsrs: {
+                    assert!(N <= u32::MAX as usize, "MsrBuf capacity exceeds u32");
+                    N as u32
+                },
+                pad: 0,
+            },
+            entries: indices.map(|index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+const_assert_eq!(size_of::<MsrBuf<1>>(), 8 + 16);
+const_assert_eq!(align_of::<MsrBuf<1>>(), 8);
+const_assert_eq!(offset_of!(MsrBuf<1>, header), 0);
+const_assert_eq!(offset_of!(MsrBuf<1>, entries), 8);
