@@ -207,9 +207,10 @@ fn overflowing_ring_is_detected_and_recovered() {
     }
 }
 
-/// A writer that laps a 1024-entry ring five times in the window, writing every page once:
-/// every write is harvested exactly once (a harvester that lost one entry in a thousand
-/// would fall five short), and the dirty set is exactly the pages written.
+/// A writer that laps a 1024-entry ring about five times (at least four, on a loaded host) in
+/// the window, writing every page once: every write is harvested exactly once (a harvester
+/// that lost one entry in a thousand would fall four or five short), and the dirty set is
+/// exactly the pages written.
 #[test]
 fn ring_is_exact_over_several_laps_of_a_small_ring() {
     if !common::kvm_available("ring_is_exact_over_several_laps_of_a_small_ring") {
@@ -224,8 +225,8 @@ fn ring_is_exact_over_several_laps_of_a_small_ring() {
     machine.shutdown().unwrap();
     let written = machine.guest_stats()[0].pages_written;
     assert!(
-        (5 * 1024..16384).contains(&written),
-        "{written} pages: not five laps of the ring, or more than one pass"
+        (4 * 1024..16384).contains(&written),
+        "{written} pages: not four laps of the ring, or more than one pass"
     );
     let vcpu = machine.tracker().vcpu(0).snapshot();
     assert!(
