@@ -95,7 +95,7 @@ impl BenchVm {
             Logging::Ring(entries) => (DirtyLog::Ring, Some(entries)),
         };
         let (vm, ring_entries) =
-            vmm::create_vm(kvm, &layout, log, entries).map_err(|e| e.to_string())?;
+            vmm::create_vm(kvm, &layout, log, entries, None).map_err(|e| e.to_string())?;
         if log == DirtyLog::Bitmap && !vm.manual_dirty_log_protect() {
             return Err("this host's KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2".into());
         }
@@ -118,7 +118,7 @@ impl BenchVm {
         // No tracking behind the vCPU: the bench harvests and resets by hand, and a writer
         // this short never fills a 65536-entry ring.
         let tracker = Arc::new(Tracker::new(vm.clone(), DirtyLog::None, Vec::new(), 1));
-        let vcpu = VcpuThread::spawn(vcpu, tracker, Arc::new(StopRequest::default()))
+        let vcpu = VcpuThread::spawn(vcpu, tracker, Arc::new(StopRequest::default()), false)
             .map_err(|e| format!("spawning the vCPU thread: {e}"))?;
         let bench = BenchVm {
             vcpu: Some(vcpu),

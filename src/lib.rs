@@ -27,7 +27,11 @@ pub mod console;
 // kick handoff (in `vm`); everything that needs KVM is left out.
 #[cfg(not(loom))]
 pub mod cli;
+#[cfg(not(loom))]
+pub mod digest;
 pub mod limit;
+#[cfg(not(loom))]
+pub mod migration;
 #[cfg(not(loom))]
 pub mod qmp;
 #[cfg(not(loom))]
@@ -39,6 +43,8 @@ pub mod sched;
 #[cfg(not(loom))]
 #[doc(hidden)]
 pub mod showcase;
+#[cfg(not(loom))]
+pub mod socket_file;
 pub mod sync;
 #[cfg(not(loom))]
 pub mod tracking;

@@ -19,7 +19,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -503,11 +502,6 @@ fn stratified_sample(pages: u64, per_gib: u64, seed: u64) -> Vec<u64> {
         .collect()
 }
 
-const P1: u64 = 0x9E37_79B1_85EB_CA87;
-const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-const P3: u64 = 0x1656_67B1_9E37_79F9;
-const P4: u64 = 0x85EB_CA77_C2B2_AE63;
-
 // The page hash is public only for the `sampling` bench.
 #[cfg(feature = "testing")]
 pub use hash::hash_page;
@@ -515,7 +509,8 @@ pub use hash::hash_page;
 use hash::hash_page;
 
 mod hash {
-    use super::{xxh64_page, GuestMemory, Ordering, PAGE_SIZE};
+    use crate::digest::{page_hash_of, PAGE_WORDS};
+    use crate::vm::kvm::GuestMemory;
 
     /// XXH64 (seed 1) of one guest page, read word by word while the guest may be writing it:
     /// what page-sampling mode computes for every sampled page, twice per measurement (public
@@ -524,65 +519,13 @@ mod hash {
     /// # Panics
     /// If `page` is not a page of `ram`.
     pub fn hash_page(ram: &GuestMemory, page: u64) -> u64 {
-        let words = &ram.words()[(page * PAGE_SIZE / 8) as usize..][..(PAGE_SIZE / 8) as usize];
-        // Relaxed: a torn view of a page under concurrent writes hashes as "changed", which it is.
-        xxh64_page(words.iter().map(|w| w.load(Ordering::Relaxed)))
+        page_hash_of(&ram.words()[page as usize * PAGE_WORDS..][..PAGE_WORDS])
     }
-}
-
-fn xxh64_round(acc: u64, input: u64) -> u64 {
-    acc.wrapping_add(input.wrapping_mul(P2))
-        .rotate_left(31)
-        .wrapping_mul(P1)
-}
-
-/// XXH64 with seed 1 over one page given as 512 little-endian words.
-fn xxh64_page(mut words: impl Iterator<Item = u64>) -> u64 {
-    const SEED: u64 = 1;
-    let mut v = [
-        SEED.wrapping_add(P1).wrapping_add(P2),
-        SEED.wrapping_add(P2),
-        SEED,
-        SEED.wrapping_sub(P1),
-    ];
-    for _ in 0..PAGE_SIZE / 32 {
-        for lane in &mut v {
-            *lane = xxh64_round(*lane, words.next().unwrap_or(0));
-        }
-    }
-    let mut h = v[0]
-        .rotate_left(1)
-        .wrapping_add(v[1].rotate_left(7))
-        .wrapping_add(v[2].rotate_left(12))
-        .wrapping_add(v[3].rotate_left(18));
-    for lane in v {
-        h = (h ^ xxh64_round(0, lane)).wrapping_mul(P1).wrapping_add(P4);
-    }
-    h = h.wrapping_add(PAGE_SIZE);
-    h ^= h >> 33;
-    h = h.wrapping_mul(P2);
-    h ^= h >> 29;
-    h = h.wrapping_mul(P3);
-    h ^ (h >> 32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
-        bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-    }
-
-    #[test]
-    fn xxh64_matches_the_reference_implementation() {
-        // Values from the python-xxhash package: xxh64(page, seed=1).
-        let page: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
-        assert_eq!(xxh64_page(words(&page)), 0x2215_4cb5_a9b7_bbef);
-        assert_eq!(xxh64_page(words(&[0; 4096])), 0x82da_6c10_8266_bfde);
-    }
 
     #[test]
     fn strata_cover_memory_without_repeats() {

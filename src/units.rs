@@ -7,6 +7,14 @@ use std::time::Instant;
 /// Size of a guest (and host) page, bytes.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// Bytes per MiB.
+pub const MIB: u64 = 1 << 20;
+
+/// Bytes in MiB.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
 /// 4 KiB pages per MiB.
 pub const PAGES_PER_MIB: f64 = 256.0;
 

@@ -16,7 +16,7 @@ use crate::sync::lock;
 use crate::tracking::{Cadence, Reaper};
 use crate::tracking::{DirtyLog, Tracker, MIN_RING_ENTRIES};
 use crate::vm::guest::{self, GuestStats, Layout, LayoutError, Workload};
-use crate::vm::kvm::{self, GuestMemory, Kvm, Vcpu, Vm};
+use crate::vm::kvm::{self, GuestMemory, Kvm, Vcpu, VcpuState, Vm};
 use crate::vm::vcpu::{StopRequest, VcpuControl, VcpuThread};
 
 /// What to boot.
@@ -229,6 +229,7 @@ pub fn create_vm(
     layout: &Layout,
     log: DirtyLog,
     ring_entries: Option<u32>,
+    ram: Option<GuestMemory>,
 ) -> Result<(Vm, Option<u32>), VmmError> {
     for (cap, name) in [
         (sys::KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
@@ -276,16 +277,15 @@ pub fn create_vm(
         DirtyLog::None => sys::MemoryRegionFlags::empty(),
         DirtyLog::Ring | DirtyLog::Bitmap => sys::MemoryRegionFlags::LOG_DIRTY_PAGES,
     };
-    vm.add_memory_slot(
-        guest::RAM_SLOT,
-        guest::RAM_BASE,
-        layout.memory() as usize,
-        ram_flags,
-    )
-    .map_err(VmmError::io(format!(
-        "mapping {} of guest memory",
-        guest::Size(layout.memory())
-    )))?;
+    let ram = match ram {
+        Some(ram) => ram,
+        None => GuestMemory::new(layout.memory() as usize).map_err(VmmError::io(format!(
+            "mapping {} of guest memory",
+            guest::Size(layout.memory())
+        )))?,
+    };
+    vm.add_memory_slot_backed_by(guest::RAM_SLOT, guest::RAM_BASE, ram, ram_flags)
+        .map_err(VmmError::io("registering guest memory with KVM"))?;
     Ok((vm, ring))
 }
 
@@ -302,17 +302,72 @@ pub fn create_vcpu(
     let vcpu = vm
         .create_vcpu(id)
         .map_err(VmmError::io(what("KVM_CREATE_VCPU")))?;
-    vcpu.set_cpuid(cpuid)
+    let registers = vcpu.registers();
+    registers
+        .set_cpuid(cpuid)
         .map_err(VmmError::io(what("KVM_SET_CPUID2")))?;
-    let sregs = vcpu.sregs().map_err(VmmError::io(what("KVM_GET_SREGS")))?;
-    vcpu.set_sregs(&layout.sregs(sregs))
+    let sregs = registers
+        .sregs()
+        .map_err(VmmError::io(what("KVM_GET_SREGS")))?;
+    registers
+        .set_sregs(&layout.sregs(sregs))
         .map_err(VmmError::io(what("KVM_SET_SREGS")))?;
-    let tsc_khz = vcpu
+    let tsc_khz = registers
         .tsc_khz()
         .map_err(VmmError::io(what("KVM_GET_TSC_KHZ")))?;
-    vcpu.set_regs(&regs(tsc_khz))
+    registers
+        .set_regs(&regs(tsc_khz))
         .map_err(VmmError::io(what("KVM_SET_REGS")))?;
     Ok((vcpu, tsc_khz))
+}
+
+/// A guest state to boot from instead of a fresh one: what an incoming migration received.
+#[derive(Debug)]
+pub struct Restore {
+    /// Guest RAM, filled.
+    pub ram: GuestMemory,
+    /// Each vCPU's registers and TSC, by id.
+    pub vcpus: Vec<VcpuState>,
+    /// Each vCPU's ground-truth counters, by id: they continue from these.
+    pub stats: Vec<GuestStats>,
+    /// The guest TSC frequency the state was saved at (the pacing in the registers counts in
+    /// it): set on every vCPU when this host's differs.
+    pub tsc_khz: u32,
+}
+
+/// How [`Machine::boot_with`] starts a machine.
+#[derive(Debug, Default)]
+pub struct Boot {
+    /// Start from this state instead of the layout's fresh one.
+    pub restore: Option<Restore>,
+    /// The vCPUs wait, paused, until [`Machine::resume`].
+    pub paused: bool,
+    /// The stop request the machine answers to (shared with whoever waited for the machine
+    /// to exist).
+    pub stop: Arc<StopRequest>,
+}
+
+/// Puts a saved state back on a fresh vCPU, at the TSC frequency it was saved at.
+fn restore_vcpu(vcpu: &Vcpu, state: &VcpuState, tsc_khz: u32) -> Result<(), VmmError> {
+    let id = vcpu.id();
+    let registers = vcpu.registers();
+    let here = registers
+        .tsc_khz()
+        .map_err(VmmError::io(format!("KVM_GET_TSC_KHZ on vCPU {id}")))?;
+    if here != tsc_khz {
+        registers
+            .set_tsc_khz(tsc_khz)
+            .map_err(|error| VmmError::Io {
+                what: format!(
+                    "the guest's TSC ran at {tsc_khz} kHz, this host's runs at {here} kHz, and \
+                 KVM_SET_TSC_KHZ on vCPU {id}"
+                ),
+                error,
+            })?;
+    }
+    registers
+        .restore(state)
+        .map_err(VmmError::io(format!("restoring vCPU {id}'s registers")))
 }
 
 /// A running VM: the KVM objects, the guest layout and the vCPU threads.
@@ -331,12 +386,39 @@ pub struct Machine {
     /// When `shutdown` stopped the vCPUs.
     stopped: Mutex<Option<Instant>>,
     tsc_khz: u32,
+    /// The guests' counters at boot: zero, or what a migration brought.
+    initial_stats: Vec<GuestStats>,
 }
 
 impl Machine {
     /// Boots `config` and starts every vCPU.
     pub fn boot(config: &VmConfig) -> Result<Machine, VmmError> {
+        Machine::boot_with(config, Boot::default())
+    }
+
+    /// Boots `config` as `boot` says: from a fresh guest or from a restored one, running or
+    /// paused, with a new stop request or a given one.
+    pub fn boot_with(config: &VmConfig, boot: Boot) -> Result<Machine, VmmError> {
         let layout = Layout::new(config.vcpus, config.memory, &config.workloads)?;
+        let Boot {
+            restore,
+            paused,
+            stop,
+        } = boot;
+        if let Some(restore) = &restore {
+            if restore.vcpus.len() != config.vcpus as usize
+                || restore.stats.len() != config.vcpus as usize
+                || restore.ram.len() as u64 != config.memory
+            {
+                return Err(VmmError::BadConfig(format!(
+                    "a restored state of {} vCPUs and {} does not fit {} vCPUs and {}",
+                    restore.vcpus.len(),
+                    guest::Size(restore.ram.len() as u64),
+                    config.vcpus,
+                    guest::Size(config.memory)
+                )));
+            }
+        }
         check_host_memory(&layout)?;
         let kvm = open_kvm()?;
         let max = max_vcpus(&kvm);
@@ -346,17 +428,32 @@ impl Machine {
                 config.vcpus
             )));
         }
-        let (vm, ring_entries) = create_vm(&kvm, &layout, config.dirty_log, config.ring_entries)?;
+        let ram = restore.as_ref().map(|r| r.ram.clone());
+        let (vm, ring_entries) =
+            create_vm(&kvm, &layout, config.dirty_log, config.ring_entries, ram)?;
         let cpuid = kvm
             .supported_cpuid()
             .map_err(VmmError::io("KVM_GET_SUPPORTED_CPUID"))?;
         kvm::install_kick_handler()
             .map_err(|e| VmmError::io("installing the vCPU kick handler")(e.into()))?;
-        let (vcpus, tsc_khz): (Vec<_>, Vec<_>) = (0..config.vcpus)
+        let (vcpus, mut tsc_khz): (Vec<_>, Vec<_>) = (0..config.vcpus)
             .map(|id| create_vcpu(&vm, &layout, &cpuid, id, |khz| layout.regs(id, khz)))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
+        let initial_stats = match &restore {
+            Some(restore) => restore.stats.clone(),
+            None => vec![GuestStats::default(); config.vcpus as usize],
+        };
+        if let Some(restore) = &restore {
+            let system = &vm.slot(guest::SYSTEM_SLOT).expect("system slot").memory;
+            for (vcpu, (state, stats)) in vcpus.iter().zip(restore.vcpus.iter().zip(&restore.stats))
+            {
+                restore_vcpu(vcpu, state, restore.tsc_khz)?;
+                stats.write(system, vcpu.id());
+            }
+            tsc_khz.fill(restore.tsc_khz);
+        }
         let rings = match ring_entries {
             Some(entries) => vcpus
                 .iter()
@@ -376,11 +473,10 @@ impl Machine {
             rings,
             vcpus.len(),
         ));
-        let stop = Arc::new(StopRequest::default());
         let started = Instant::now();
         let mut threads = Vec::with_capacity(vcpus.len());
         for vcpu in vcpus {
-            match VcpuThread::spawn(vcpu, tracker.clone(), stop.clone()) {
+            match VcpuThread::spawn(vcpu, tracker.clone(), stop.clone(), paused) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     threads.into_iter().for_each(VcpuThread::stop_and_join);
@@ -429,6 +525,7 @@ impl Machine {
             started,
             stopped: Mutex::new(None),
             tsc_khz: tsc_khz[0],
+            initial_stats,
         })
     }
 
@@ -485,6 +582,11 @@ impl Machine {
             .collect()
     }
 
+    /// Every vCPU's counters at boot, by id: zero, or where a migrated guest had got to.
+    pub fn initial_stats(&self) -> &[GuestStats] {
+        &self.initial_stats
+    }
+
     /// The dirty tracker.
     pub fn tracker(&self) -> &Arc<Tracker> {
         &self.tracker
@@ -505,16 +607,20 @@ impl Machine {
         &self.meter
     }
 
-    /// Pauses every vCPU (QMP `stop`) and waits until none is inside `KVM_RUN` (1 s at
-    /// most per vCPU, should a kick go unanswered).
-    pub fn pause(&self) {
+    /// Pauses every vCPU (QMP `stop`) and waits until none is inside `KVM_RUN`; false if one
+    /// still was after a second (a kick went unanswered).
+    pub fn pause(&self) -> bool {
         for vcpu in &self.controls {
             vcpu.set_paused(true);
         }
         let deadline = Instant::now() + std::time::Duration::from_secs(1);
-        while self.controls.iter().any(|v| v.in_guest()) && Instant::now() < deadline {
+        while self.controls.iter().any(|v| v.in_guest()) {
+            if Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
+        true
     }
 
     /// Resumes every vCPU (QMP `cont`).
@@ -559,7 +665,7 @@ impl Drop for Machine {
 /// Runs [`guest::programs::COUNTDOWN`] on one vCPU and returns guest instructions per second.
 pub fn measure_instruction_rate(kvm: &Kvm, iterations: u64) -> Result<f64, VmmError> {
     let layout = Layout::new(1, 2 << 20, &[])?;
-    let (vm, _) = create_vm(kvm, &layout, DirtyLog::None, None)?;
+    let (vm, _) = create_vm(kvm, &layout, DirtyLog::None, None, None)?;
     let cpuid = kvm
         .supported_cpuid()
         .map_err(VmmError::io("KVM_GET_SUPPORTED_CPUID"))?;

@@ -864,7 +864,7 @@ fn bad_qmp_paths_are_refused_before_the_run() {
         ),
         (file.to_str().unwrap(), "not a socket"),
         (directory.as_str(), "not a socket"),
-        (listening.to_str().unwrap(), "another process serves QMP"),
+        (listening.to_str().unwrap(), "another process listens there"),
     ] {
         assert_refused(
             &["run", "--qmp", path, "--duration", "30"],

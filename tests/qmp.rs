@@ -39,27 +39,27 @@
 
 mod common;
 
+use common::qmp::{
+    check_event, check_greeting, finish, now_secs, Exited, Qmp, Vm, EXIT_TIMEOUT, REPLY_TIMEOUT,
+};
 use common::{drain, KillOnDrop};
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, Write};
 use std::net::Shutdown;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread::{self, sleep, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-/// How long a reply may take before the test fails.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the binary may take to boot the VM and listen.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the binary may take to exit after `quit`.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Boots [`VM_ARGS`] and `extra` with QMP.
+fn start_vm(test: &str, extra: &[&str]) -> Vm {
+    Vm::start(test, &[&VM_ARGS[..], extra].concat())
+}
 
 /// Every test's VM: a writer on vCPU 0, a reader on vCPU 1, each over 32 MiB.
 const VM_ARGS: [&str; 9] = [
@@ -80,306 +80,6 @@ const TOLERANCE: u64 = 25;
 /// "dirty page limit feature requires ..." with QEMU's stray quote.
 const NEEDS_RING: &str =
     "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'";
-
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("dirtyvm-qmp-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("creating the test's temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// What a finished process printed.
-struct Exited {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Exited {
-    fn describe(&self) -> String {
-        format!(
-            "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Waits for `child` (killing it and failing after `timeout`) and collects its output.
-fn finish(
-    child: &mut KillOnDrop,
-    out: JoinHandle<String>,
-    err: JoinHandle<String>,
-    timeout: Duration,
-    what: &str,
-) -> Exited {
-    let status = child.wait_timeout(timeout);
-    let Some(status) = status else {
-        let _ = child.0.kill();
-        let status = child.0.wait().expect("reaping a killed child");
-        let out = out.join().unwrap_or_default();
-        let err = err.join().unwrap_or_default();
-        panic!(
-            "{what} did not exit within {timeout:?}; killed it ({status:?})\n--- stdout ---\n\
-             {out}\n--- stderr ---\n{err}"
-        );
-    };
-    Exited {
-        status,
-        stdout: out.join().expect("stdout reader"),
-        stderr: err.join().expect("stderr reader"),
-    }
-}
-
-/// A running `dirtyvm run ... --qmp DIR/qmp.sock`, killed when dropped.
-struct Vm {
-    child: KillOnDrop,
-    stdout: Option<JoinHandle<String>>,
-    stderr: Option<JoinHandle<String>>,
-    socket: PathBuf,
-    _dir: TempDir,
-}
-
-impl Vm {
-    /// Boots the VM with [`VM_ARGS`] and `extra`, and waits until the socket is there.
-    fn start(test: &str, extra: &[&str]) -> Vm {
-        let dir = TempDir::new(test);
-        let socket = dir.0.join("qmp.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dirtyvm"))
-            .args(VM_ARGS)
-            .args(extra)
-            .arg("--qmp")
-            .arg(&socket)
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning dirtyvm");
-        let stdout = drain(child.stdout.take().expect("piped stdout"));
-        let stderr = drain(child.stderr.take().expect("piped stderr"));
-        let mut vm = Vm {
-            child: KillOnDrop(child),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-            socket,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !is_socket(&vm.socket) {
-            if let Ok(Some(_)) = vm.child.0.try_wait() {
-                let exited = vm.exit(Duration::ZERO);
-                panic!("dirtyvm exited before serving QMP:\n{}", exited.describe());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dirtyvm did not create {} within {START_TIMEOUT:?}",
-                vm.socket.display()
-            );
-            sleep(Duration::from_millis(10));
-        }
-        vm
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.0.id()
-    }
-
-    /// A new client, negotiated.
-    fn client(&self) -> Qmp {
-        Qmp::open(&self.socket)
-    }
-
-    /// Waits for the process to end (failing after `timeout`) and collects its output.
-    fn exit(&mut self, timeout: Duration) -> Exited {
-        let out = self.stdout.take().expect("exit is called once");
-        let err = self.stderr.take().expect("exit is called once");
-        finish(&mut self.child, out, err, timeout, "dirtyvm")
-    }
-}
-
-fn is_socket(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
-}
-
-/// A raw QMP client: requests out as JSON lines, replies and events in, one per line.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    /// Connects without reading the greeting.
-    fn connect(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .expect("setting a read timeout");
-        stream
-            .set_write_timeout(Some(REPLY_TIMEOUT))
-            .expect("setting a write timeout");
-        Qmp {
-            writer: stream.try_clone().expect("cloning the stream"),
-            reader: BufReader::new(stream),
-        }
-    }
-
-    /// Connects, checks the greeting and negotiates capabilities.
-    fn open(path: &Path) -> Qmp {
-        let mut qmp = Qmp::connect(path);
-        let greeting = qmp.message();
-        check_greeting(&greeting);
-        assert_eq!(qmp.ok("qmp_capabilities", Value::Null), json!({}));
-        qmp
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("sending to the server");
-    }
-
-    fn send_json(&mut self, request: &Value) {
-        self.send(format!("{request}\r\n").as_bytes());
-    }
-
-    /// The next line as sent (with its terminator), or `None` at the end of the stream.
-    #[track_caller]
-    fn line(&mut self) -> Option<String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(line),
-            Err(e) => panic!("no complete line from the server within {REPLY_TIMEOUT:?}: {e}"),
-        }
-    }
-
-    /// The next message, reply or event: one JSON object on a line ending in CRLF.
-    #[track_caller]
-    fn message(&mut self) -> Value {
-        let line = self
-            .line()
-            .expect("the server closed the connection instead of answering");
-        assert!(line.ends_with("\r\n"), "not CRLF-terminated: {line:?}");
-        let message: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("the server sent a line that is not JSON ({e}): {line:?}"));
-        assert!(message.is_object(), "not a JSON object: {line:?}");
-        message
-    }
-
-    /// The next reply, skipping any events before it.
-    fn reply(&mut self) -> Value {
-        loop {
-            let message = self.message();
-            if message.get("event").is_none() {
-                return message;
-            }
-        }
-    }
-
-    fn request(&mut self, request: &Value) -> Value {
-        self.send_json(request);
-        self.reply()
-    }
-
-    /// `{"execute": name, "arguments": args}`; `Value::Null` sends no arguments.
-    fn execute(&mut self, name: &str, args: Value) -> Value {
-        let mut request = json!({ "execute": name });
-        if !args.is_null() {
-            request["arguments"] = args;
-        }
-        self.request(&request)
-    }
-
-    /// The command's `return`; fails the test on an error reply.
-    #[track_caller]
-    fn ok(&mut self, name: &str, args: Value) -> Value {
-        let reply = self.execute(name, args.clone());
-        match reply.get("return") {
-            Some(value) if reply.as_object().is_some_and(|r| r.len() == 1) => value.clone(),
-            _ => panic!("{name} {args} failed: {reply}"),
-        }
-    }
-
-    /// Asserts the command fails with exactly `{"error": {"class": class, "desc": desc}}`.
-    #[track_caller]
-    fn fails(&mut self, name: &str, args: Value, class: &str, desc: &str) {
-        let reply = self.execute(name, args.clone());
-        assert_eq!(
-            reply,
-            json!({"error": {"class": class, "desc": desc}}),
-            "{name} {args}"
-        );
-    }
-
-    /// Asserts a `GenericError` with exactly `desc`.
-    #[track_caller]
-    fn generic(&mut self, name: &str, args: Value, desc: &str) {
-        self.fails(name, args, "GenericError", desc);
-    }
-}
-
-#[track_caller]
-fn check_greeting(greeting: &Value) {
-    let object = greeting.as_object().expect("the greeting is an object");
-    assert_eq!(object.len(), 1, "the greeting has only \"QMP\": {greeting}");
-    let qmp = &greeting["QMP"];
-    assert!(
-        qmp["capabilities"].is_array(),
-        "greeting without capabilities: {greeting}"
-    );
-    // What standard clients parse: version.qemu.{major, minor, micro} and a package string.
-    for part in ["major", "minor", "micro"] {
-        assert!(
-            qmp["version"]["qemu"][part].is_u64(),
-            "greeting without version.qemu.{part}: {greeting}"
-        );
-    }
-    assert!(
-        qmp["version"]["package"].is_string(),
-        "greeting without version.package: {greeting}"
-    );
-}
-
-/// Checks `message` is the event `name` stamped with the host's clock; returns its data.
-#[track_caller]
-fn check_event(message: &Value, name: &str) -> Value {
-    assert_eq!(
-        message["event"], name,
-        "expected the {name} event: {message}"
-    );
-    let seconds = message["timestamp"]["seconds"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("event without timestamp.seconds: {message}"));
-    let micros = message["timestamp"]["microseconds"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("event without timestamp.microseconds: {message}"));
-    assert!(micros < 1_000_000, "{message}");
-    assert!(
-        seconds.abs_diff(now_secs()) <= 5,
-        "the event's timestamp is not the host's wall clock: {message}"
-    );
-    let keys = message.as_object().map_or(0, |m| m.len());
-    let data = message.get("data").cloned().unwrap_or(Value::Null);
-    assert_eq!(keys, 2 + usize::from(!data.is_null()), "{message}");
-    data
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_secs()
-}
 
 /// Prints how long each part took (shown with `--nocapture` or on failure).
 struct Timer(Instant);
@@ -482,7 +182,7 @@ fn qmp_drives_a_real_vm_as_qemu_would_answer() {
     }
     let _turn = common::one_vm_at_a_time();
     let mut timer = Timer(Instant::now());
-    let mut vm = Vm::start("e2e", &[]);
+    let mut vm = start_vm("e2e", &[]);
     timer.lap("boot");
     let mut qmp = negotiation(&vm);
     timer.lap("greeting and negotiation");
@@ -1235,7 +935,7 @@ fn qemu_style_python_session_runs_unchanged() {
     }
     let _turn = common::one_vm_at_a_time();
     let t0 = Instant::now();
-    let mut vm = Vm::start("python", &[]);
+    let mut vm = start_vm("python", &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/qmp-session.py");
     let mut child = Command::new("python3")
         .arg(&script)
@@ -1292,7 +992,7 @@ fn bitmap_vm_answers_like_qemu_without_a_dirty_ring() {
     }
     let _turn = common::one_vm_at_a_time();
     let t0 = Instant::now();
-    let mut vm = Vm::start("bitmap", &["--dirty-log", "bitmap"]);
+    let mut vm = start_vm("bitmap", &["--dirty-log", "bitmap"]);
     let mut qmp = vm.client();
 
     for args in [
@@ -1359,7 +1059,7 @@ fn a_trickling_client_cannot_hold_the_exit_after_quit() {
         return;
     }
     let _turn = common::one_vm_at_a_time();
-    let mut vm = Vm::start("trickle-quit", &[]);
+    let mut vm = start_vm("trickle-quit", &[]);
     let mut qmp = vm.client();
     qmp.send_json(&json!({"execute": "quit"}));
     assert_eq!(qmp.message(), json!({"return": {}}));
@@ -1382,7 +1082,7 @@ fn an_oversized_message_cannot_stretch_the_run() {
         return;
     }
     let _turn = common::one_vm_at_a_time();
-    let mut vm = Vm::start("trickle-oversized", &["--duration", "3"]);
+    let mut vm = start_vm("trickle-oversized", &["--duration", "3"]);
     let started = Instant::now();
     let mut qmp = vm.client();
     let mut huge = b"{\"execute\": \"query-status\", \"id\": \"".to_vec();
@@ -1410,7 +1110,7 @@ fn sighup_stops_the_vm_like_sigterm_and_removes_the_socket() {
         return;
     }
     let _turn = common::one_vm_at_a_time();
-    let mut vm = Vm::start("sighup", &[]);
+    let mut vm = start_vm("sighup", &[]);
     let mut qmp = vm.client();
     kill(Pid::from_raw(vm.pid() as i32), Signal::SIGHUP).unwrap();
     let data = check_event(&qmp.message(), "SHUTDOWN");

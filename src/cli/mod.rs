@@ -2,6 +2,7 @@
 //! before a VM boots, with exit code 2 and a sentence naming the option and the value), and
 //! the commands. `main.rs` only parses, dispatches and prints the error.
 
+mod migration;
 pub mod output;
 mod probe;
 pub mod report;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::limit::{LimitAlgo, MAX_LIMIT_MIBPS, MIN_LIMIT_MIBPS};
+use crate::migration::{MigrationUri, UriError};
 use crate::rate::{RateMode, MAX_CALC_TIME_MS, MIN_CALC_TIME_MS};
 use crate::showcase::demo::{self, DemoOptions};
 use crate::tracking::Cadence;
@@ -110,17 +112,12 @@ struct DemoArgs {
 #[derive(Debug, Args)]
 #[command(after_long_help = WORKLOAD_HELP)]
 pub struct RunArgs {
-    /// Number of vCPUs.
-    #[arg(
-        long,
-        default_value_t = 2,
-        value_name = "N",
-        allow_negative_numbers = true
-    )]
-    vcpus: u32,
-    /// Guest memory: bytes with an optional K, M or G (binary) suffix.
-    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_memory, allow_negative_numbers = true)]
-    memory: u64,
+    /// Number of vCPUs [default: 2].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    vcpus: Option<u32>,
+    /// Guest memory: bytes with an optional K, M or G (binary) suffix [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory, allow_negative_numbers = true)]
+    memory: Option<u64>,
     /// Workload of the next vCPU (repeatable): write:SIZE[@MIBPS], random-write:SIZE[@MIBPS],
     /// read:SIZE or idle.
     #[arg(long = "workload", value_name = "SPEC")]
@@ -171,9 +168,38 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
     /// Serve QMP (QEMU's protocol: query-status, stop, cont, quit, calc-dirty-rate,
-    /// set-vcpu-dirty-limit, ...) on a Unix socket at PATH.
+    /// set-vcpu-dirty-limit, migrate, query-migrate, ...) on a Unix socket at PATH.
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
+    /// Receive the guest from another dirtyvm's `migrate` instead of booting one: listen on
+    /// tcp:HOST:PORT or unix:PATH, or with `defer` wait for QMP `migrate-incoming`. The VM's
+    /// shape (vCPUs, memory, workloads) comes from the source; --vcpus, --memory and
+    /// --workload, if given, must agree with it. Tracking and limit options apply here.
+    /// --duration counts from the guest's arrival.
+    #[arg(long, value_name = "URI|defer")]
+    incoming: Option<Incoming>,
+}
+
+/// `--incoming`: where the guest comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Listen on this address.
+    Uri(MigrationUri),
+    /// Wait for QMP `migrate-incoming`.
+    Defer,
+}
+
+impl std::str::FromStr for Incoming {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Incoming, String> {
+        if text == "defer" {
+            return Ok(Incoming::Defer);
+        }
+        text.parse()
+            .map(Incoming::Uri)
+            .map_err(|e: UriError| format!("{e} (use tcp:HOST:PORT, unix:PATH or defer)"))
+    }
 }
 
 /// `--calc-dirty-rate MODE[:MS]`.

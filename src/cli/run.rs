@@ -7,25 +7,35 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, Signal};
 
+use super::migration::{self as launcher_migration, MigrationProgress};
 use super::output::OutputFile;
 use super::report::Report;
-use super::{Failure, RunArgs};
+use super::{Failure, Incoming, RunArgs};
+use crate::migration::{Expect, Migration, MigrationUri};
 use crate::qmp::{MachineBackend, Server};
 use crate::rate::{
     Measurement, RateMode, RateRequest, RateStatus, DEFAULT_SAMPLE_PAGES, MAX_SAMPLE_PAGES,
     MIN_SAMPLE_PAGES,
 };
+use crate::socket_file;
 use crate::tracking::DirtyLog;
 use crate::units::pages_to_mibps;
 use crate::vm::guest::{self, GuestStats, Workload};
 use crate::vm::vcpu::{StopReason, StopRequest};
-use crate::vmm::{Machine, VmConfig};
+use crate::vmm::{Boot, Machine, VmConfig};
+
+/// `--vcpus` unless given.
+const DEFAULT_VCPUS: u32 = 2;
+/// `--memory` unless given.
+const DEFAULT_MEMORY: u64 = 256 << 20;
 
 /// What `run` was asked to do, checked: everything here can be attempted.
 #[derive(Debug)]
 pub struct RunPlan {
-    /// The VM.
+    /// The VM (with `incoming`, its shape comes from the source at arrival).
     pub vm: VmConfig,
+    /// Receive the guest instead of booting one.
+    pub incoming: Option<IncomingPlan>,
     /// How long to run; until a signal or `quit` when `None`.
     pub duration: Option<Duration>,
     /// Back-to-back dirty-rate measurements.
@@ -36,6 +46,15 @@ pub struct RunPlan {
     pub report: Option<OutputFile>,
     /// Where QMP listens.
     pub qmp: Option<PathBuf>,
+}
+
+/// Where an incoming guest comes from, and what it must look like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingPlan {
+    /// The address, or QMP's `migrate-incoming`.
+    pub from: Incoming,
+    /// The options the stream must agree with.
+    pub expect: Expect,
 }
 
 /// Dirty control from the start of a run.
@@ -113,20 +132,45 @@ impl TryFrom<RunArgs> for RunPlan {
                 Some(request)
             }
         };
-        let control = control(&args)?;
+        // A destination learns its vCPU count from the source; limits are checked then.
+        let known_vcpus = match args.incoming {
+            Some(_) => args.vcpus,
+            None => Some(args.vcpus.unwrap_or(DEFAULT_VCPUS)),
+        };
+        let control = control(&args, known_vcpus)?;
+        let incoming = args
+            .incoming
+            .clone()
+            .map(|from| {
+                if let Incoming::Uri(MigrationUri::Unix(path)) = &from {
+                    socket_file::check_path(path).map_err(|e| {
+                        Failure::usage(format!("--incoming unix:{}: {e}", path.display()))
+                    })?;
+                }
+                Ok::<_, Failure>(IncomingPlan {
+                    from,
+                    expect: Expect {
+                        vcpus: args.vcpus,
+                        memory: args.memory,
+                        workloads: (!args.workloads.is_empty()).then(|| args.workloads.clone()),
+                    },
+                })
+            })
+            .transpose()?;
         let report = args
             .report
             .as_deref()
             .map(|path| OutputFile::check("--report", path))
             .transpose()?;
         if let Some(path) = &args.qmp {
-            Server::check_path(path)
+            socket_file::check_path(path)
                 .map_err(|e| Failure::usage(format!("--qmp {}: {e}", path.display())))?;
         }
         Ok(RunPlan {
+            incoming,
             vm: VmConfig {
-                vcpus: args.vcpus,
-                memory: args.memory,
+                vcpus: args.vcpus.unwrap_or(DEFAULT_VCPUS),
+                memory: args.memory.unwrap_or(DEFAULT_MEMORY),
                 workloads: args.workloads,
                 dirty_log: args.dirty_log,
                 ring_entries: args.ring_entries,
@@ -142,16 +186,11 @@ impl TryFrom<RunArgs> for RunPlan {
     }
 }
 
-/// The limits or throttle `args` ask for, checked against each other and the VM.
-fn control(args: &RunArgs) -> Result<Control, Failure> {
+/// The limits or throttle `args` ask for, checked against each other and the VM (when its
+/// vCPU count is known).
+fn control(args: &RunArgs, vcpus: Option<u32>) -> Result<Control, Failure> {
     let mut seen = Vec::new();
     for &(id, _) in &args.vcpu_dirty_limit {
-        if id >= args.vcpus {
-            return Err(Failure::usage(format!(
-                "--vcpu-dirty-limit {id}=...: there is no vCPU {id} (vCPUs are 0 to {})",
-                args.vcpus.saturating_sub(1)
-            )));
-        }
         if seen.contains(&id) {
             return Err(Failure::usage(format!(
                 "--vcpu-dirty-limit {id}=... is given twice; give each vCPU one limit"
@@ -190,7 +229,42 @@ fn control(args: &RunArgs) -> Result<Control, Failure> {
         }
         _ => {}
     }
+    if let Some(vcpus) = vcpus {
+        control.check_vcpus(vcpus).map_err(Failure::usage)?;
+    }
     Ok(control)
+}
+
+impl Control {
+    /// Whether every vCPU a limit names exists in a VM of `vcpus`.
+    pub fn check_vcpus(&self, vcpus: u32) -> Result<(), String> {
+        let Control::Limits(limits) = self else {
+            return Ok(());
+        };
+        match limits
+            .iter()
+            .find_map(|&(id, _)| id.filter(|&id| id >= vcpus))
+        {
+            Some(id) => Err(format!(
+                "--vcpu-dirty-limit {id}=...: there is no vCPU {id} (vCPUs are 0 to {})",
+                vcpus.saturating_sub(1)
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts the limits or the throttle on `machine`.
+    pub fn apply(&self, machine: &Machine) -> Result<(), String> {
+        let limiter = machine.limiter();
+        match self {
+            Control::None => Ok(()),
+            Control::AutoConverge(target) => limiter.set_auto_converge(*target),
+            Control::Limits(limits) => limits
+                .iter()
+                .try_for_each(|&(id, mibps)| limiter.set_limit(id, mibps, None)),
+        }
+        .map_err(|e| e.to_string())
+    }
 }
 
 /// `dirtyvm run`.
@@ -205,26 +279,40 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         .thread_block()
         .map_err(|e| Failure::failed(format!("blocking SIGINT, SIGTERM and SIGHUP: {e}")))?;
     let plan = RunPlan::try_from(args)?;
-
-    let machine = Arc::new(Machine::boot(&plan.vm)?);
-    let limiter = machine.limiter();
-    let controlled = match &plan.control {
-        Control::None => Ok(()),
-        Control::AutoConverge(target) => limiter.set_auto_converge(*target),
-        Control::Limits(limits) => limits
-            .iter()
-            .try_for_each(|&(id, mibps)| limiter.set_limit(id, mibps, None)),
-    };
-    if let Err(e) = controlled {
-        let _ = machine.shutdown();
-        return Err(Failure::usage(e.to_string()));
-    }
-    spawn_signal_waiter(signals, machine.stop_request().clone());
-    let qmp = match &plan.qmp {
-        Some(path) => match Server::spawn(path, Arc::new(MachineBackend::new(machine.clone()))) {
-            Ok(server) => Some(server),
-            Err(e) => {
+    let stop = Arc::new(StopRequest::default());
+    spawn_signal_waiter(signals, stop.clone());
+    let migration = Arc::new(Migration::new());
+    let backend = Arc::new(MachineBackend::new(
+        migration.clone(),
+        stop.clone(),
+        plan.vm.dirty_log,
+    ));
+    let booted = match plan.incoming {
+        Some(_) => None,
+        None => {
+            let boot = Boot {
+                stop: stop.clone(),
+                ..Boot::default()
+            };
+            let machine = Arc::new(Machine::boot_with(&plan.vm, boot)?);
+            if let Err(e) = plan.control.apply(&machine) {
                 let _ = machine.shutdown();
+                return Err(Failure::usage(e));
+            }
+            backend.attach(machine.clone());
+            Some(machine)
+        }
+    };
+    let qmp = match &plan.qmp {
+        Some(path) => match Server::spawn(path, backend.clone()) {
+            Ok(server) => {
+                say!("QMP listening on {}", path.display());
+                Some(server)
+            }
+            Err(e) => {
+                if let Some(machine) = &booted {
+                    let _ = machine.shutdown();
+                }
                 return Err(Failure::failed(format!(
                     "cannot serve QMP at {}: {e}",
                     path.display()
@@ -234,6 +322,77 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         None => None,
     };
 
+    let arrival = match (&booted, &plan.incoming) {
+        (Some(machine), _) => Ok(Some(machine.clone())),
+        (None, Some(incoming)) => {
+            launcher_migration::receive_guest(&plan, incoming, &migration, &stop, &backend)
+        }
+        (None, None) => unreachable!("a run without --incoming boots its machine"),
+    };
+    let (machine, failure) = match arrival {
+        Ok(machine) => (machine, None),
+        Err(failure) => (None, Some(failure)),
+    };
+    let (reason, measurements) = match &machine {
+        Some(machine) => {
+            print_intro(&plan, machine);
+            watch(machine, &migration, plan.duration, plan.rate)
+        }
+        // The guest never came: stopped while waiting, or the migration failed.
+        None => (
+            stop.reason().unwrap_or_else(|| {
+                StopReason::Failed(
+                    failure
+                        .as_ref()
+                        .map_or_else(String::new, |f| f.message.clone()),
+                )
+            }),
+            Vec::new(),
+        ),
+    };
+    if let Some(server) = qmp {
+        if reason != StopReason::Quit {
+            server.notify_shutdown();
+        }
+        server.shut_down();
+    }
+    // An outgoing migration still running is cancelled, and its guest resumed, before the
+    // machine stops.
+    migration.shut_down();
+    // The vCPUs stop and the rings are flushed before any counter is read, so the guests'
+    // counts and the harvested ones describe the same moment.
+    let shutdown = machine.as_ref().map(|m| m.shutdown()).transpose();
+    let report = Report::new(
+        machine.as_deref(),
+        &reason.to_string(),
+        measurements,
+        &migration.info(),
+    );
+    print_summary(&report);
+    if let Some(out) = &plan.report {
+        out.write(&report.to_json()).map_err(|e| {
+            Failure::failed(format!(
+                "writing the report to {}: {e}",
+                out.path().display()
+            ))
+        })?;
+        say!("report written to {}", out.path().display());
+    }
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    shutdown?;
+    match reason {
+        StopReason::VcpuFailed { .. } | StopReason::Failed(_) => {
+            Err(Failure::failed(reason.to_string()))
+        }
+        StopReason::Duration | StopReason::Signal(_) | StopReason::Quit => Ok(()),
+    }
+}
+
+/// The line that says what runs.
+fn print_intro(plan: &RunPlan, machine: &Machine) {
+    let layout = machine.layout();
     let tracking = match (plan.vm.dirty_log, machine.tracker().ring_entries()) {
         (DirtyLog::Ring, Some(entries)) => {
             format!(
@@ -246,44 +405,13 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     say!(
         "dirtyvm: {} vCPUs, {} guest memory, {tracking}; {}",
-        plan.vm.vcpus,
-        guest::Size(plan.vm.memory),
+        layout.vcpus().len(),
+        guest::Size(layout.memory()),
         match plan.duration {
             Some(d) => format!("running for {:.1} s", d.as_secs_f64()),
             None => "running until Ctrl-C".to_string(),
         }
     );
-    if let Some(path) = &plan.qmp {
-        say!("QMP listening on {}", path.display());
-    }
-    let (reason, measurements) = watch(&machine, plan.duration, plan.rate);
-    if let Some(server) = qmp {
-        if reason != StopReason::Quit {
-            server.notify_shutdown();
-        }
-        server.shut_down();
-    }
-    // The vCPUs stop and the rings are flushed before any counter is read, so the guests'
-    // counts and the harvested ones describe the same moment.
-    let shutdown = machine.shutdown();
-    let report = Report::new(&machine, &reason, measurements);
-    print_summary(&report);
-    if let Some(out) = &plan.report {
-        out.write(&report.to_json()).map_err(|e| {
-            Failure::failed(format!(
-                "writing the report to {}: {e}",
-                out.path().display()
-            ))
-        })?;
-        say!("report written to {}", out.path().display());
-    }
-    shutdown?;
-    match reason {
-        StopReason::VcpuFailed { .. } | StopReason::Failed(_) => {
-            Err(Failure::failed(reason.to_string()))
-        }
-        StopReason::Duration | StopReason::Signal(_) | StopReason::Quit => Ok(()),
-    }
 }
 
 fn spawn_signal_waiter(signals: SigSet, stop: Arc<StopRequest>) {
@@ -305,15 +433,18 @@ const TICK: Duration = Duration::from_millis(100);
 /// How often it prints a progress line per vCPU.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs until the VM stops: a progress line per vCPU each second, and back-to-back dirty-rate
-/// measurements when asked. Returns why it stopped and the measurements.
+/// Runs until the VM stops: a progress line per vCPU each second, one for a migration under
+/// way, and back-to-back dirty-rate measurements when asked. Returns why it stopped and the
+/// measurements.
 fn watch(
     machine: &Machine,
+    migration: &Migration,
     duration: Option<Duration>,
     rate: Option<RateRequest>,
 ) -> (StopReason, Vec<Measurement>) {
     let deadline = duration.map(|d| machine.started() + d);
     let mut progress = Progress::new(machine);
+    let mut migration_progress = MigrationProgress::new(migration);
     let mut measurements = Vec::new();
     let mut measuring = false;
     loop {
@@ -349,6 +480,7 @@ fn watch(
             }
         }
         progress.print_if_due(machine);
+        migration_progress.print_if_due(migration);
     }
 }
 
@@ -411,9 +543,16 @@ fn harvested(machine: &Machine) -> Vec<u64> {
 }
 
 fn print_summary(report: &Report) {
+    if let Some(migration) = &report.migration {
+        launcher_migration::print_summary(migration);
+    }
+    let Some(report_guest) = &report.guest else {
+        say!("\nstopped before a guest arrived ({})", report.stop_reason);
+        return;
+    };
     say!(
         "\nstopped after {:.2} s ({})",
-        report.duration_s,
+        report_guest.duration_s,
         report.stop_reason
     );
     say!(
@@ -426,7 +565,10 @@ fn print_summary(report: &Report) {
         "written MiB/s",
         "read MiB/s"
     );
-    let (idle, working): (Vec<_>, Vec<_>) = report.vcpus.iter().partition(|v| v.workload == "idle");
+    let (idle, working): (Vec<_>, Vec<_>) = report_guest
+        .vcpus
+        .iter()
+        .partition(|v| v.workload == "idle");
     for v in working {
         say!(
             "{:>4}  {:<24} {:>14} {:>14} {:>8} {:>14.1} {:>14.1}",

@@ -9,7 +9,8 @@ use std::ops::RangeInclusive;
 
 use serde_json::{json, Map, Value};
 
-use super::{Backend, CalcDirtyRate, DirtyRateMode, DirtyRateStatus, QmpError};
+use super::migration;
+use super::{Backend, CalcDirtyRate, DirtyRateMode, DirtyRateStatus, QmpError, RunState};
 use crate::limit::throttle;
 use crate::rate::{
     DEFAULT_SAMPLE_PAGES, MAX_CALC_TIME_MS, MAX_SAMPLE_PAGES, MIN_CALC_TIME_MS, MIN_SAMPLE_PAGES,
@@ -39,10 +40,18 @@ pub(super) enum Command {
     XQueryReaper,
     XSetAutoConverge,
     XQueryAutoConverge,
+    Migrate,
+    MigrateIncoming,
+    MigrateCancel,
+    QueryMigrate,
+    MigrateSetParameters,
+    QueryMigrateParameters,
+    MigrateSetCapabilities,
+    QueryMigrateCapabilities,
 }
 
 impl Command {
-    const NAMES: [(&'static str, Command); 15] = [
+    const NAMES: [(&'static str, Command); 23] = [
         ("qmp_capabilities", Command::QmpCapabilities),
         ("query-status", Command::QueryStatus),
         ("stop", Command::Stop),
@@ -58,6 +67,17 @@ impl Command {
         ("x-query-reaper", Command::XQueryReaper),
         ("x-set-auto-converge", Command::XSetAutoConverge),
         ("x-query-auto-converge", Command::XQueryAutoConverge),
+        ("migrate", Command::Migrate),
+        ("migrate-incoming", Command::MigrateIncoming),
+        ("migrate_cancel", Command::MigrateCancel),
+        ("query-migrate", Command::QueryMigrate),
+        ("migrate-set-parameters", Command::MigrateSetParameters),
+        ("query-migrate-parameters", Command::QueryMigrateParameters),
+        ("migrate-set-capabilities", Command::MigrateSetCapabilities),
+        (
+            "query-migrate-capabilities",
+            Command::QueryMigrateCapabilities,
+        ),
     ];
 
     pub(super) fn from_name(name: &str) -> Option<Command> {
@@ -113,17 +133,17 @@ pub(super) fn run(
         }
         Command::QueryStatus => {
             args.finish()?;
-            let running = backend.running();
+            let state = backend.run_state();
             Ok(json!({
-                "status": if running { "running" } else { "paused" },
+                "status": state.name(),
                 "singlestep": false,
-                "running": running,
+                "running": state == RunState::Running,
             }))
         }
         Command::Stop => {
             args.finish()?;
             // As QEMU's vm_stop(): STOP only when this request is what stopped the VM.
-            let was_running = backend.running();
+            let was_running = backend.run_state() == RunState::Running;
             backend.pause();
             if was_running {
                 ctx.events.push("STOP");
@@ -132,9 +152,10 @@ pub(super) fn run(
         }
         Command::Cont => {
             args.finish()?;
-            let was_running = backend.running();
-            backend.resume();
-            if !was_running {
+            let before = backend.run_state();
+            backend.resume()?;
+            // A destination still waiting only notes that its guest is to start running.
+            if before != RunState::Running && backend.run_state() == RunState::Running {
                 ctx.events.push("RESUME");
             }
             Ok(json!({}))
@@ -224,6 +245,27 @@ pub(super) fn run(
         Command::XQueryAutoConverge => {
             args.finish()?;
             Ok(backend.x_query_throttle())
+        }
+        Command::Migrate => migration::migrate(args, backend),
+        Command::MigrateIncoming => migration::migrate_incoming(args, backend),
+        Command::MigrateCancel => {
+            args.finish()?;
+            backend.migration().cancel();
+            Ok(json!({}))
+        }
+        Command::QueryMigrate => {
+            args.finish()?;
+            Ok(migration::info(&backend.migration().info()))
+        }
+        Command::MigrateSetParameters => migration::set_parameters(args, backend),
+        Command::QueryMigrateParameters => {
+            args.finish()?;
+            Ok(migration::parameters(&backend.migration().params()))
+        }
+        Command::MigrateSetCapabilities => migration::set_capabilities(args, backend),
+        Command::QueryMigrateCapabilities => {
+            args.finish()?;
+            Ok(migration::capabilities(&backend.migration().caps()))
         }
     }
 }
@@ -399,7 +441,7 @@ impl QapiEnum for QmpCapability {
 }
 
 /// A command's arguments, visited member by member.
-struct Args<'a> {
+pub(super) struct Args<'a> {
     members: Option<&'a Map<String, Value>>,
     visited: Vec<&'static str>,
 }
@@ -412,12 +454,12 @@ impl<'a> Args<'a> {
         }
     }
 
-    fn member(&mut self, name: &'static str) -> Option<&'a Value> {
+    pub(super) fn member(&mut self, name: &'static str) -> Option<&'a Value> {
         self.visited.push(name);
         self.members?.get(name)
     }
 
-    fn optional<T>(
+    pub(super) fn optional<T>(
         &mut self,
         name: &'static str,
         check: fn(&Value, &str) -> Result<T, QmpError>,
@@ -427,7 +469,7 @@ impl<'a> Args<'a> {
             .transpose()
     }
 
-    fn required<T>(
+    pub(super) fn required<T>(
         &mut self,
         name: &'static str,
         check: fn(&Value, &str) -> Result<T, QmpError>,
@@ -439,7 +481,7 @@ impl<'a> Args<'a> {
     }
 
     /// `qobject_input_check_struct()`: refuses the members no one visited.
-    fn finish(self) -> Result<(), QmpError> {
+    pub(super) fn finish(self) -> Result<(), QmpError> {
         let Some(members) = self.members else {
             return Ok(());
         };
@@ -455,7 +497,7 @@ impl<'a> Args<'a> {
     }
 }
 
-fn invalid_type(name: &str, expected: &str) -> QmpError {
+pub(super) fn invalid_type(name: &str, expected: &str) -> QmpError {
     QmpError::generic(format!(
         "Invalid parameter type for '{name}', expected: {expected}"
     ))
@@ -463,12 +505,12 @@ fn invalid_type(name: &str, expected: &str) -> QmpError {
 
 /// QAPI `int` (int64): a JSON integer; a fraction or an exponent makes a double, which is
 /// not one.
-fn int(value: &Value, name: &str) -> Result<i64, QmpError> {
+pub(super) fn int(value: &Value, name: &str) -> Result<i64, QmpError> {
     value.as_i64().ok_or_else(|| invalid_type(name, "integer"))
 }
 
 /// QAPI `uint64`, with QEMU's own message for it.
-fn uint64(value: &Value, name: &str) -> Result<u64, QmpError> {
+pub(super) fn uint64(value: &Value, name: &str) -> Result<u64, QmpError> {
     value
         .as_u64()
         .ok_or_else(|| QmpError::generic(format!("Parameter '{name}' expects uint64")))

@@ -10,8 +10,9 @@ use crate::sync::lock;
 
 use super::{
     Backend, CalcDirtyRate, CpuInfo, DirtyLimitInfo, DirtyRateInfo, DirtyRateMode, DirtyRateStatus,
-    QmpError,
+    QmpError, RunState,
 };
+use crate::migration::{Migration, MigrationUri, UriError};
 
 /// The mock's measurements always start at this wall-clock second.
 pub const START_TIME: i64 = 1_700_000_000;
@@ -29,6 +30,7 @@ pub struct MockBackend {
     vcpus: u32,
     dirty_ring: bool,
     state: Mutex<MockState>,
+    migration: Migration,
 }
 
 struct MockState {
@@ -49,19 +51,12 @@ impl MockBackend {
             state: Mutex::new(MockState {
                 running: true,
                 quit: false,
-                measurement: DirtyRateInfo {
-                    status: DirtyRateStatus::Unstarted,
-                    dirty_rate: None,
-                    start_time: 0,
-                    calc_time_ms: 0,
-                    sample_pages: 0,
-                    mode: DirtyRateMode::PageSampling,
-                    vcpu_dirty_rate: None,
-                },
+                measurement: DirtyRateInfo::unstarted(),
                 queries_until_measured: 0,
                 limits: BTreeMap::new(),
                 throttle: None,
             }),
+            migration: Migration::new(),
         }
     }
 
@@ -84,16 +79,21 @@ impl MockBackend {
 }
 
 impl Backend for MockBackend {
-    fn running(&self) -> bool {
-        self.state().running
+    fn run_state(&self) -> RunState {
+        if self.state().running {
+            RunState::Running
+        } else {
+            RunState::Paused
+        }
     }
 
     fn pause(&self) {
         self.state().running = false;
     }
 
-    fn resume(&self) {
+    fn resume(&self) -> Result<(), QmpError> {
         self.state().running = true;
+        Ok(())
     }
 
     fn quit(&self) {
@@ -231,5 +231,22 @@ impl Backend for MockBackend {
             Some(percent) => json!({"active": true, "percent": percent}),
             None => json!({"active": false, "percent": 0}),
         }
+    }
+
+    fn migration(&self) -> &Migration {
+        &self.migration
+    }
+
+    /// The mock has no guest to send: the checks `migrate` makes before it connects are
+    /// [`Migration`]'s, and the tests of a real migration use a real VM.
+    fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        let uri: MigrationUri = uri.parse().map_err(|e: UriError| QmpError::generic(e.0))?;
+        Err(QmpError::generic(format!(
+            "the mock VM cannot migrate (to {uri})"
+        )))
+    }
+
+    fn dirty_ring(&self) -> bool {
+        self.dirty_ring
     }
 }

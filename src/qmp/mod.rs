@@ -39,6 +39,7 @@
 
 mod commands;
 mod json;
+mod migration;
 mod protocol;
 mod server;
 mod vm;
@@ -52,6 +53,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::migration::Migration;
 pub use crate::rate::{RateMode as DirtyRateMode, RateStatus as DirtyRateStatus};
 pub use protocol::{Output, Session};
 pub use server::Server;
@@ -60,12 +62,15 @@ pub use vm::MachineBackend;
 /// The VM as QMP sees it. Implemented by the VMM; every method is called from the QMP server
 /// thread, so none may block for long (a measurement runs in the background).
 pub trait Backend: Send + Sync {
-    /// Whether the vCPUs run (`query-status`).
-    fn running(&self) -> bool;
-    /// Pauses every vCPU (`stop`); does nothing when already paused.
+    /// The run state (`query-status`).
+    fn run_state(&self) -> RunState;
+    /// `stop`: pauses every vCPU; does nothing when already paused. On a destination still
+    /// waiting for its guest, the guest will start paused.
     fn pause(&self);
-    /// Resumes every vCPU (`cont`); does nothing when already running.
-    fn resume(&self);
+    /// `cont`: resumes every vCPU; does nothing when already running. On a destination still
+    /// waiting for its guest, the guest will start running. Refused during the switchover of
+    /// an outgoing migration, with QEMU's text.
+    fn resume(&self) -> Result<(), QmpError>;
     /// Requests a VM shutdown (`quit`); returns at once.
     fn quit(&self);
     /// One entry per vCPU, by index (`query-cpus-fast`).
@@ -99,6 +104,41 @@ pub trait Backend: Send + Sync {
     fn x_set_throttle(&self, percent: Option<u8>) -> Result<(), QmpError>;
     /// `x-query-auto-converge`: the throttle's state.
     fn x_query_throttle(&self) -> serde_json::Value;
+    /// The process's migration state: parameters, capabilities, the migration under way or
+    /// the last one, and its events.
+    fn migration(&self) -> &Migration;
+    /// `migrate`: starts sending the guest to `uri`; returns at once.
+    fn migrate(&self, uri: &str) -> Result<(), QmpError>;
+    /// Whether the VM tracks dirty pages with per-vCPU rings (what `dirty-limit` needs).
+    fn dirty_ring(&self) -> bool;
+}
+
+/// QEMU's `RunState`, the ones dirtyvm goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// The vCPUs run.
+    Running,
+    /// Paused by `stop`.
+    Paused,
+    /// A destination waiting for its guest.
+    InMigrate,
+    /// A source paused for the switchover.
+    FinishMigrate,
+    /// A source whose guest moved away.
+    PostMigrate,
+}
+
+impl RunState {
+    /// The QMP name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::InMigrate => "inmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
+        }
+    }
 }
 
 /// QEMU's error classes (qapi/error.json), by their wire names.
@@ -177,6 +217,21 @@ pub struct DirtyRateInfo {
     pub mode: DirtyRateMode,
     /// `(vCPU index, MiB/s)`; reported only once measured in dirty-ring mode.
     pub vcpu_dirty_rate: Option<Vec<(u32, i64)>>,
+}
+
+impl DirtyRateInfo {
+    /// Before any measurement.
+    pub fn unstarted() -> DirtyRateInfo {
+        DirtyRateInfo {
+            status: DirtyRateStatus::Unstarted,
+            dirty_rate: None,
+            start_time: 0,
+            calc_time_ms: 0,
+            sample_pages: 0,
+            mode: DirtyRateMode::PageSampling,
+            vcpu_dirty_rate: None,
+        }
+    }
 }
 
 /// One limited vCPU in `query-vcpu-dirty-limit`.

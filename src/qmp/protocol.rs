@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 use super::commands::{self, Command, Context};
 use super::json::{to_line, JsonStream, Message};
 use super::{Backend, ErrorClass, QmpError};
+use crate::migration::MigrationEvent;
 
 /// What one [`Session::feed`] produced.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -41,14 +42,14 @@ impl Session {
         }
     }
 
-    /// The first line the server sends. The version is QEMU 7.2's, the release whose
-    /// dirty-rate and dirty-limit interface this follows (with 8.2's `calc-time-unit`):
-    /// clients choose features by it.
+    /// The first line the server sends. The version is QEMU 8.2's, the release whose schema
+    /// dirtyvm answers with (its texts, `calc-time-unit`, the migration parameters and the
+    /// `dirty-limit` capability): clients such as libvirt choose what to send by it.
     pub fn greeting() -> String {
         to_line(&json!({
             "QMP": {
                 "version": {
-                    "qemu": {"micro": 0, "minor": 2, "major": 7},
+                    "qemu": {"micro": 0, "minor": 2, "major": 8},
                     "package": concat!("dirtyvm ", env!("CARGO_PKG_VERSION")),
                 },
                 "capabilities": [],
@@ -91,6 +92,16 @@ impl Session {
         output
     }
 
+    /// The events that happened in the background since the last call (a migration's), for
+    /// a negotiated client; before negotiation they are dropped, as QEMU drops them.
+    pub fn pending_events(&mut self) -> Vec<String> {
+        let events = self.backend.migration().take_events();
+        if !self.negotiated {
+            return Vec::new();
+        }
+        events.into_iter().map(migration_event).collect()
+    }
+
     /// `monitor_qmp_dispatch()`: answers one request; true when the session ends.
     fn request(&mut self, request: Value, lines: &mut Vec<String>) -> bool {
         let Value::Object(request) = request else {
@@ -98,8 +109,9 @@ impl Session {
             lines.push(reply(Err(error), None));
             return false;
         };
+        let backend = Arc::clone(&self.backend);
         let mut ctx = Context {
-            backend: &*self.backend,
+            backend: &*backend,
             negotiated: self.negotiated,
             events: Vec::new(),
             quit: false,
@@ -112,6 +124,8 @@ impl Session {
             }
         }
         self.negotiated = ctx.negotiated;
+        // What the migration reported while the command ran (its `setup`) comes first.
+        lines.extend(self.pending_events());
         lines.extend(ctx.events.iter().map(|name| event(name, None)));
         lines.push(reply(result, request.get("id").cloned()));
         if ctx.quit {
@@ -190,6 +204,18 @@ fn event(name: &str, data: Option<Value>) -> String {
         event["data"] = data;
     }
     to_line(&event)
+}
+
+/// A migration's event as QEMU words it.
+fn migration_event(e: MigrationEvent) -> String {
+    match e {
+        MigrationEvent::Status(status) => {
+            event("MIGRATION", Some(json!({"status": status.name()})))
+        }
+        MigrationEvent::Pass(pass) => event("MIGRATION_PASS", Some(json!({"pass": pass}))),
+        MigrationEvent::Stop => event("STOP", None),
+        MigrationEvent::Resume => event("RESUME", None),
+    }
 }
 
 /// SHUTDOWN for a VM that stops on its own (signal, time limit), not by `quit`.

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use super::protocol::{host_shutdown_event, Session};
 use super::Backend;
+use crate::socket_file;
 
-/// The longest path a Unix socket address holds (`sun_path` is 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 /// How long the server thread waits for a client or for input before looking at its flags.
 const POLL: Duration = Duration::from_millis(100);
 /// How long a client may leave replies unread before it is dropped.
@@ -50,47 +49,10 @@ struct Flags {
 }
 
 impl Server {
-    /// Checks that a server can listen at `path` (see [`Server::spawn`]), without touching
-    /// it; the error says why not, without repeating the path.
-    pub fn check_path(path: &Path) -> io::Result<()> {
-        let invalid = |reason: String| io::Error::new(io::ErrorKind::InvalidInput, reason);
-        let length = path.as_os_str().len();
-        if length == 0 {
-            return Err(invalid("the path is empty".into()));
-        }
-        if length > MAX_SOCKET_PATH {
-            return Err(invalid(format!(
-                "the path is {length} bytes long; a Unix socket path holds at most \
-                 {MAX_SOCKET_PATH} (use a shorter path or a relative one)"
-            )));
-        }
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        match fs::metadata(dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(invalid(format!("{} is not a directory", dir.display()))),
-            Err(e) => return Err(invalid(format!("directory {}: {e}", dir.display()))),
-        }
-        match socket_in_use(path)? {
-            false => Ok(()),
-            true => Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another process serves QMP there: stop it or choose another path",
-            )),
-        }
-    }
-
     /// Listens at `path` and serves clients on a thread named `qmp`. A socket file left by a
     /// process that died is replaced; a live one, or any other file, is an error.
     pub fn spawn(path: &Path, backend: Arc<dyn Backend>) -> io::Result<Server> {
-        Server::check_path(path)?;
-        if fs::symlink_metadata(path).is_ok() {
-            // A socket nobody listens on (check_path refused anything else).
-            fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
+        let listener = socket_file::bind(path)?;
         listener.set_nonblocking(true)?;
         let bound = fs::symlink_metadata(path)?;
         let flags = Arc::new(Flags::default());
@@ -154,30 +116,6 @@ impl Flags {
     }
 }
 
-/// Whether a live server listens at `path`: false for nothing there or a socket left by a
-/// process that died; an error for any other file.
-fn socket_in_use(path: &Path) -> io::Result<bool> {
-    let file = match fs::symlink_metadata(path) {
-        Ok(file) => file,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(error) => return Err(error),
-    };
-    if !file.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            "a file that is not a socket is there: remove it or choose another path",
-        ));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Ok(true),
-        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => Ok(false),
-        Err(error) => Err(io::Error::new(
-            error.kind(),
-            format!("cannot tell whether the socket there is in use: {error}"),
-        )),
-    }
-}
-
 /// The server thread.
 fn serve(listener: &UnixListener, backend: &Arc<dyn Backend>, flags: &Flags) {
     while !flags.stopping() {
@@ -187,8 +125,9 @@ fn serve(listener: &UnixListener, backend: &Arc<dyn Backend>, flags: &Flags) {
                 let _ = serve_client(client, backend, flags);
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                // A SHUTDOWN with no client to hear it is dropped, as QEMU's would be.
+                // Events with no client to hear them are dropped, as QEMU's would be.
                 flags.take_shutdown();
+                backend.migration().take_events();
                 thread::sleep(POLL);
             }
             // Out of file descriptors or the like: retry later rather than spin.
@@ -209,6 +148,7 @@ fn serve_client(
     send(&mut client, &[Session::greeting()])?;
     let mut input = vec![0; 64 << 10];
     loop {
+        send(&mut client, &session.pending_events())?;
         if flags.take_shutdown() {
             send(&mut client, &[host_shutdown_event()])?;
         }

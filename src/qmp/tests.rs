@@ -83,12 +83,12 @@ fn event(name: &str) -> Value {
 }
 
 #[test]
-fn greeting_is_qemu_7_2_in_qemu_style() {
+fn greeting_is_qemu_8_2_in_qemu_style() {
     let greeting = Session::greeting();
     assert_eq!(
         greeting,
         format!(
-            r#"{{"QMP": {{"capabilities": [], "version": {{"package": "dirtyvm {}", "qemu": {{"major": 7, "micro": 0, "minor": 2}}}}}}}}"#,
+            r#"{{"QMP": {{"capabilities": [], "version": {{"package": "dirtyvm {}", "qemu": {{"major": 8, "micro": 0, "minor": 2}}}}}}}}"#,
             env!("CARGO_PKG_VERSION")
         )
     );
@@ -657,6 +657,167 @@ fn extensions() {
 }
 
 #[test]
+fn migration_parameters_follow_qemu_8_2() {
+    let query = r#"{"execute":"query-migrate-parameters"}"#;
+    let defaults = reply(query);
+    let params = &defaults["return"];
+    assert_eq!(params["max-bandwidth"], 134_217_728);
+    assert_eq!(params["downtime-limit"], 300);
+    assert_eq!(params["avail-switchover-bandwidth"], 0);
+    assert_eq!(params["throttle-trigger-threshold"], 50);
+    assert_eq!(params["cpu-throttle-initial"], 20);
+    assert_eq!(params["cpu-throttle-increment"], 10);
+    assert_eq!(params["cpu-throttle-tailslow"], false);
+    assert_eq!(params["max-cpu-throttle"], 99);
+    assert_eq!(params["x-vcpu-dirty-limit-period"], 1000);
+    assert_eq!(params["vcpu-dirty-limit"], 1);
+    assert_eq!(params["mode"], "normal");
+    let set = |args: &str| {
+        reply(&format!(
+            r#"{{"execute":"migrate-set-parameters","arguments":{args}}}"#
+        ))
+    };
+    for (args, want) in [
+        (r#"{"downtime-limit": 2000001}"#, "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"),
+        (r#"{"cpu-throttle-initial": 300}"#, "Parameter 'cpu-throttle-initial' expects uint8_t"),
+        (r#"{"cpu-throttle-initial": -1}"#, "Parameter 'cpu-throttle-initial' expects uint8_t"),
+        (r#"{"cpu-throttle-initial": "x"}"#, "Invalid parameter type for 'cpu-throttle-initial', expected: integer"),
+        (r#"{"cpu-throttle-initial": 0}"#, "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"),
+        (r#"{"throttle-trigger-threshold": 101}"#, "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100"),
+        (r#"{"cpu-throttle-tailslow": 1}"#, "Invalid parameter type for 'cpu-throttle-tailslow', expected: boolean"),
+        (r#"{"max-bandwidth": "fast"}"#, "Parameter 'max-bandwidth' expects uint64"),
+        (r#"{"x-vcpu-dirty-limit-period": 0}"#, "Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000"),
+        (r#"{"vcpu-dirty-limit": 0}"#, "Parameter 'vcpu_dirty_limit' expects is invalid, it must greater then 1 MB/s"),
+        (r#"{"compress-level": 1}"#, "Parameter 'compress-level' is unexpected"),
+        // Checked on the merged result: a ceiling below the new floor fails on the ceiling.
+        (r#"{"cpu-throttle-initial": 60, "max-cpu-throttle": 50}"#, "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
+    ] {
+        assert_eq!(set(args), generic(want), "{args}");
+    }
+    // A refused change applies nothing; an accepted one shows.
+    let (mut session, _) = negotiated();
+    let lines = exchange(
+        &mut session,
+        r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth": 1048576, "downtime-limit": 0}}
+           {"execute":"migrate-set-parameters","arguments":{"downtime-limit": 5, "vcpu-dirty-limit": 0}}
+           {"execute":"query-migrate-parameters"}"#,
+    );
+    assert_eq!(lines[0], json!({"return": {}}));
+    assert!(lines[1].get("error").is_some());
+    assert_eq!(lines[2]["return"]["max-bandwidth"], 1_048_576);
+    assert_eq!(lines[2]["return"]["downtime-limit"], 0);
+}
+
+#[test]
+fn migration_capabilities_follow_qemu_8_2() {
+    let caps = reply(r#"{"execute":"query-migrate-capabilities"}"#);
+    let list = caps["return"].as_array().unwrap();
+    assert_eq!(list.len(), 23);
+    assert_eq!(list[0], json!({"capability": "xbzrle", "state": false}));
+    assert_eq!(
+        list[22],
+        json!({"capability": "dirty-limit", "state": false})
+    );
+    let set = |caps: &str| {
+        reply(&format!(
+            r#"{{"execute":"migrate-set-capabilities","arguments":{{"capabilities":{caps}}}}}"#
+        ))
+    };
+    for (caps, want) in [
+        (
+            r#"[{"capability": "nope", "state": true}]"#,
+            "Parameter 'capability' does not accept value 'nope'",
+        ),
+        (
+            r#"[{"capability": "events"}]"#,
+            "Parameter 'capabilities[0].state' is missing",
+        ),
+        (
+            r#"[{"state": true}]"#,
+            "Parameter 'capabilities[0].capability' is missing",
+        ),
+        (
+            r#"[{"capability": "events", "state": 1}]"#,
+            "Invalid parameter type for 'capabilities[0].state', expected: boolean",
+        ),
+        (
+            r#"[{"capability": "events", "state": true, "x": 1}]"#,
+            "Parameter 'capabilities[0].x' is unexpected",
+        ),
+        (
+            r#"[1]"#,
+            "Invalid parameter type for 'capabilities[0]', expected: object",
+        ),
+        (
+            r#"{}"#,
+            "Invalid parameter type for 'capabilities', expected: array",
+        ),
+        (
+            r#"[{"capability": "dirty-limit", "state": true}, {"capability": "auto-converge", "state": true}]"#,
+            "dirty-limit conflicts with auto-converge either of then available currently",
+        ),
+        (
+            r#"[{"capability": "xbzrle", "state": true}]"#,
+            "Capability 'xbzrle' is not supported by dirtyvm",
+        ),
+    ] {
+        assert_eq!(set(caps), generic(want), "{caps}");
+    }
+    assert_eq!(
+        set(r#"[{"capability": "xbzrle", "state": false}]"#),
+        json!({"return": {}})
+    );
+    // Without a dirty ring, QEMU's text.
+    let (mut session, _) = session_with(MockBackend::new(2, false));
+    exchange(&mut session, NEGOTIATE);
+    assert_eq!(
+        exchange(
+            &mut session,
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"dirty-limit","state":true}]}}"#
+        ),
+        [generic(
+            "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set"
+        )]
+    );
+}
+
+#[test]
+fn migration_commands_before_any_migration() {
+    assert_eq!(
+        reply(r#"{"execute":"query-migrate"}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        reply(r#"{"execute":"migrate_cancel"}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        reply(r#"{"execute":"migrate","arguments":{"uri":"foo:bar"}}"#),
+        generic("unknown migration protocol: foo:bar")
+    );
+    assert_eq!(
+        reply(r#"{"execute":"migrate","arguments":{"uri":"tcp:nohostport"}}"#),
+        generic("error parsing address 'nohostport'")
+    );
+    assert_eq!(
+        reply(r#"{"execute":"migrate"}"#),
+        generic("Parameter 'uri' is missing")
+    );
+    assert_eq!(
+        reply(r#"{"execute":"migrate","arguments":{"uri":"unix:/x","resume":true}}"#),
+        generic("Cannot resume if there is no paused migration")
+    );
+    assert_eq!(
+        reply(r#"{"execute":"migrate","arguments":{"uri":"unix:/x","channels":[]}}"#),
+        generic("'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in 'migrate' qmp command ")
+    );
+    assert_eq!(
+        reply(r#"{"execute":"migrate-incoming","arguments":{"uri":"unix:/x"}}"#),
+        generic("'-incoming' was not specified on the command line")
+    );
+}
+
+#[test]
 fn stop_and_cont_send_events_only_on_a_change() {
     let (mut session, _) = negotiated();
     let status = r#"{"execute":"query-status"}"#;
@@ -1036,7 +1197,7 @@ impl Client {
     fn greeted(path: &std::path::Path) -> Client {
         let mut client = Client::connect(path);
         let greeting = client.line().expect("a greeting");
-        assert_eq!(greeting["QMP"]["version"]["qemu"]["major"], 7);
+        assert_eq!(greeting["QMP"]["version"]["qemu"]["major"], 8);
         client
     }
 }
@@ -1156,7 +1317,7 @@ fn socket_file_checks() {
         .err()
         .expect("the path is in use");
     assert_eq!(error.kind(), ErrorKind::AddrInUse);
-    assert!(error.to_string().contains("another process serves QMP"));
+    assert!(error.to_string().contains("another process listens there"));
     server.shut_down();
 
     // Nor is anything that is not a socket.

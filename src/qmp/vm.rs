@@ -1,51 +1,117 @@
-//! The [`Backend`] over a running [`Machine`]: QMP commands mapped onto the VMM.
+//! The [`Backend`] over a [`Machine`] and the process's [`Migration`]: QMP commands mapped
+//! onto the VMM. A destination serves QMP before its guest exists: until it arrives, the
+//! commands that need one answer as for a VM without vCPUs, or with [`NO_GUEST_YET`].
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{json, Value};
 
 use super::{
     Backend, CalcDirtyRate, CpuInfo, DirtyLimitInfo, DirtyRateInfo, DirtyRateMode, DirtyRateStatus,
-    QmpError,
+    QmpError, RunState,
 };
 use crate::limit::LimitError;
+use crate::migration::{Migration, MigrationStatus, Role};
 use crate::rate::RateRequest;
 use crate::tracking::DirtyLog;
-use crate::vm::vcpu::StopReason;
+use crate::vm::vcpu::{StopReason, StopRequest};
 use crate::vmm::Machine;
 
-/// QMP's view of a machine.
+/// What the commands that need a guest answer on a destination it has not reached yet.
+pub const NO_GUEST_YET: &str =
+    "the guest has not arrived yet: this dirtyvm waits for an incoming migration";
+
+/// QMP's view of a machine and its migrations.
 #[derive(Debug)]
 pub struct MachineBackend {
-    machine: Arc<Machine>,
+    /// Set at boot, or when an incoming guest arrives.
+    machine: OnceLock<Arc<Machine>>,
+    migration: Arc<Migration>,
+    stop: Arc<StopRequest>,
+    dirty_log: DirtyLog,
 }
 
 impl MachineBackend {
-    /// The backend of `machine`.
-    pub fn new(machine: Arc<Machine>) -> MachineBackend {
-        MachineBackend { machine }
+    /// The backend of a process with `migration`, answering to `stop`, whose machine tracks
+    /// with `dirty_log`: without a machine until [`MachineBackend::attach`] (a destination
+    /// waiting for its guest is `inmigrate`).
+    pub fn new(
+        migration: Arc<Migration>,
+        stop: Arc<StopRequest>,
+        dirty_log: DirtyLog,
+    ) -> MachineBackend {
+        MachineBackend {
+            machine: OnceLock::new(),
+            migration,
+            stop,
+            dirty_log,
+        }
+    }
+
+    /// The machine booted, or the guest arrived: commands go to `machine` from now on.
+    pub fn attach(&self, machine: Arc<Machine>) {
+        // Once: a process has one machine.
+        let _ = self.machine.set(machine);
+    }
+
+    fn machine(&self) -> Result<&Arc<Machine>, QmpError> {
+        self.machine
+            .get()
+            .ok_or_else(|| QmpError::generic(NO_GUEST_YET))
     }
 }
 
 impl Backend for MachineBackend {
-    fn running(&self) -> bool {
-        self.machine.running()
+    fn run_state(&self) -> RunState {
+        let Some(machine) = self.machine.get() else {
+            return RunState::InMigrate;
+        };
+        let phase = self.migration.phase();
+        if phase.finishing {
+            RunState::FinishMigrate
+        } else if machine.running() {
+            RunState::Running
+        } else if phase.role == Some(Role::Source) && phase.status == MigrationStatus::Completed {
+            RunState::PostMigrate
+        } else {
+            RunState::Paused
+        }
     }
 
     fn pause(&self) {
-        self.machine.pause();
+        match self.machine.get() {
+            Some(machine) => {
+                machine.pause();
+            }
+            None => self.migration.set_autostart(false),
+        }
     }
 
-    fn resume(&self) {
-        self.machine.resume();
+    fn resume(&self) -> Result<(), QmpError> {
+        match self.machine.get() {
+            _ if self.migration.phase().finishing => {
+                Err(QmpError::generic("Migration is not finalized yet"))
+            }
+            Some(machine) => {
+                machine.resume();
+                Ok(())
+            }
+            None => {
+                self.migration.set_autostart(true);
+                Ok(())
+            }
+        }
     }
 
     fn quit(&self) {
-        self.machine.stop_request().request(StopReason::Quit);
+        self.stop.request(StopReason::Quit);
     }
 
     fn cpus(&self) -> Vec<CpuInfo> {
-        self.machine
+        let Some(machine) = self.machine.get() else {
+            return Vec::new();
+        };
+        machine
             .vcpus()
             .iter()
             .map(|v| CpuInfo {
@@ -56,11 +122,11 @@ impl Backend for MachineBackend {
     }
 
     fn max_cpus(&self) -> u32 {
-        self.machine.vcpus().len() as u32
+        self.machine.get().map_or(0, |m| m.vcpus().len() as u32)
     }
 
     fn calc_dirty_rate(&self, request: CalcDirtyRate) -> Result<(), QmpError> {
-        self.machine
+        self.machine()?
             .rate_meter()
             .start(RateRequest {
                 mode: request.mode,
@@ -71,7 +137,10 @@ impl Backend for MachineBackend {
     }
 
     fn query_dirty_rate(&self) -> DirtyRateInfo {
-        let state = self.machine.rate_meter().state();
+        let Some(machine) = self.machine.get() else {
+            return DirtyRateInfo::unstarted();
+        };
+        let state = machine.rate_meter().state();
         let request = state.request;
         let measured = state
             .last
@@ -108,10 +177,10 @@ impl Backend for MachineBackend {
         dirty_rate: u64,
     ) -> Result<(), QmpError> {
         // As QEMU: the ring check comes first, even for a rate of 0 (a cancel).
-        if self.machine.tracker().log() != DirtyLog::Ring {
+        if self.dirty_log != DirtyLog::Ring {
             return Err(QmpError::generic(LimitError::NeedsRing.to_string()));
         }
-        let limiter = self.machine.limiter();
+        let limiter = self.machine()?.limiter();
         let result = if dirty_rate == 0 {
             limiter.cancel(cpu_index)
         } else {
@@ -122,17 +191,20 @@ impl Backend for MachineBackend {
 
     fn cancel_vcpu_dirty_limit(&self, cpu_index: Option<u32>) -> Result<(), QmpError> {
         // As QEMU: without a dirty ring there is nothing to cancel, and that is a success.
-        if self.machine.tracker().log() != DirtyLog::Ring {
+        if self.dirty_log != DirtyLog::Ring {
             return Ok(());
         }
-        self.machine
+        self.machine()?
             .limiter()
             .cancel(cpu_index)
             .map_err(|e| QmpError::generic(e.to_string()))
     }
 
     fn query_vcpu_dirty_limit(&self) -> Vec<DirtyLimitInfo> {
-        self.machine
+        let Some(machine) = self.machine.get() else {
+            return Vec::new();
+        };
+        machine
             .limiter()
             .limits()
             .into_iter()
@@ -145,19 +217,21 @@ impl Backend for MachineBackend {
     }
 
     fn x_counters(&self) -> Value {
-        let stats = self.machine.guest_stats();
-        let tracker = self.machine.tracker();
+        let Some(machine) = self.machine.get() else {
+            return Value::Array(Vec::new());
+        };
+        let stats = machine.guest_stats();
+        let tracker = machine.tracker();
         let estimates = tracker.rate_estimates();
-        let vcpus: Vec<Value> = self
-            .machine
+        let vcpus: Vec<Value> = machine
             .vcpus()
             .iter()
             .zip(&stats)
-            .zip(self.machine.layout().vcpus())
+            .zip(machine.layout().vcpus())
             .map(|((control, s), plan)| {
                 let id = control.id();
                 let dirty = tracker.vcpu(id).snapshot();
-                let penalty = self.machine.limiter().penalty(id);
+                let penalty = machine.limiter().penalty(id);
                 json!({
                     "cpu-index": id,
                     "workload": plan.workload.to_string(),
@@ -177,7 +251,7 @@ impl Backend for MachineBackend {
     }
 
     fn x_reaper(&self) -> Value {
-        match self.machine.reaper() {
+        match self.machine.get().and_then(|m| m.reaper()) {
             Some(reaper) => {
                 let r = reaper.stats();
                 json!({
@@ -193,18 +267,35 @@ impl Backend for MachineBackend {
     }
 
     fn x_set_throttle(&self, percent: Option<u8>) -> Result<(), QmpError> {
-        self.machine
+        self.machine()?
             .limiter()
             .set_throttle_percent(percent.unwrap_or(0))
             .map_err(|e| QmpError::generic(e.to_string()))
     }
 
     fn x_query_throttle(&self) -> Value {
-        let throttle = self.machine.limiter().throttle();
+        let throttle = self.machine.get().and_then(|m| m.limiter().throttle());
         json!({
             "percent": throttle.map_or(0, |t| t.percent),
             "target-mibps": throttle.and_then(|t| t.target_mibps),
             "current-mibps": throttle.map_or(0.0, |t| t.current_mibps),
         })
+    }
+
+    fn migration(&self) -> &Migration {
+        &self.migration
+    }
+
+    fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        let machine = self
+            .machine()
+            .map_err(|_| QmpError::generic(crate::migration::WAITING_FOR_INCOMING))?;
+        self.migration
+            .migrate(machine.clone(), uri)
+            .map_err(|e| QmpError::generic(e.0))
+    }
+
+    fn dirty_ring(&self) -> bool {
+        self.dirty_log == DirtyLog::Ring
     }
 }

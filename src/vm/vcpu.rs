@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::pthread::{pthread_kill, pthread_self, Pthread};
 
 use super::handoff::PenaltySlot;
-use super::kvm::{ImmediateExit, Vcpu, VcpuExit, KICK_SIGNAL};
+use super::kvm::{ImmediateExit, Vcpu, VcpuExit, VcpuRegisters, KICK_SIGNAL};
 use crate::sync::lock;
 use crate::units::monotonic_ns;
 
@@ -113,6 +113,8 @@ impl ExitCounters {
 #[derive(Debug)]
 pub struct VcpuControl {
     id: u32,
+    /// Its registers, for saving and restoring its state while it is paused.
+    pub registers: VcpuRegisters,
     stop: AtomicBool,
     immediate_exit: ImmediateExit,
     /// The running thread, registered while its run loop is live so a kick never signals a
@@ -310,15 +312,17 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    /// Starts a thread running `vcpu`; its ring-full exits go to `tracker`; a fatal exit
-    /// requests a VM stop through `stop`.
+    /// Starts a thread running `vcpu` (or waiting, paused, until resumed); its ring-full exits
+    /// go to `ring_full`; a fatal exit requests a VM stop through `stop`.
     pub fn spawn(
         vcpu: Vcpu,
         ring_full: Arc<dyn RingFullHandler>,
         stop: Arc<StopRequest>,
+        paused: bool,
     ) -> io::Result<VcpuThread> {
         let control = Arc::new(VcpuControl {
             id: vcpu.id(),
+            registers: vcpu.registers().clone(),
             stop: AtomicBool::new(false),
             immediate_exit: vcpu.immediate_exit(),
             thread: Mutex::new(None),
@@ -327,7 +331,7 @@ impl VcpuThread {
             penalty: PenaltySlot::default(),
             served: PenaltyTime::default(),
             last_exit_ns: AtomicU64::new(0),
-            paused: AtomicBool::new(false),
+            paused: AtomicBool::new(paused),
             tid: AtomicI64::new(0),
         });
         let shared = control.clone();

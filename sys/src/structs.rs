@@ -160,7 +160,7 @@ const_assert_eq!(offset_of!(kvm_clear_dirty_log, dirty_bitmap), 16);
 
 /// Argument of [`KVM_GET_REGS`] / [`KVM_SET_REGS`]: general-purpose registers.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[allow(missing_docs)] // Field names are the x86-64 register names.
 pub struct kvm_regs {
     pub rax: u64,
@@ -207,7 +207,7 @@ const_assert_eq!(offset_of!(kvm_regs, rflags), 136);
 /// A segment register with its hidden descriptor-cache part (in
 /// [`kvm_sregs`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct kvm_segment {
     /// Segment base address.
     pub base: u64,
@@ -255,7 +255,7 @@ const_assert_eq!(offset_of!(kvm_segment, padding), 23);
 
 /// A descriptor-table register, GDTR or IDTR (in [`kvm_sregs`]).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct kvm_dtable {
     /// Table base address.
     pub base: u64,
@@ -274,7 +274,7 @@ const_assert_eq!(offset_of!(kvm_dtable, padding), 10);
 /// Argument of [`KVM_GET_SREGS`] / [`KVM_SET_SREGS`]: segment, descriptor-table
 /// and control registers.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct kvm_sregs {
     /// Code segment.
     pub cs: kvm_segment,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests. Each test binary uses a subset of them.
 #![allow(dead_code)]
 
+pub mod qmp;
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, ExitStatus};

@@ -387,6 +387,20 @@ impl GuestStats {
             passes: load(2),
         }
     }
+
+    /// Writes vCPU `id`'s counters into the system slot, before the vCPU runs (a migrated
+    /// guest's counters continue from the source's).
+    pub fn write(&self, system: &GuestMemory, id: u32) {
+        let words = system.words();
+        let base = (stats_addr(id) / 8) as usize;
+        for (i, value) in [self.pages_written, self.pages_read, self.passes]
+            .into_iter()
+            .enumerate()
+        {
+            // Relaxed: the vCPU thread that reads them is started after this, which orders it.
+            words[base + i].store(value, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -268,7 +268,18 @@ impl Vm {
         size: usize,
         flags: sys::MemoryRegionFlags,
     ) -> io::Result<&MemorySlot> {
-        let memory = GuestMemory::new(size)?;
+        self.add_memory_slot_backed_by(id, guest_phys_addr, GuestMemory::new(size)?, flags)
+    }
+
+    /// Registers `memory` (filled already, e.g. by an incoming migration) as slot `id` at
+    /// `guest_phys_addr`.
+    pub fn add_memory_slot_backed_by(
+        &mut self,
+        id: u16,
+        guest_phys_addr: u64,
+        memory: GuestMemory,
+        flags: sys::MemoryRegionFlags,
+    ) -> io::Result<&MemorySlot> {
         let slot = MemorySlot {
             id,
             guest_phys_addr,
@@ -346,10 +357,12 @@ impl Vm {
             ));
         }
         Ok(Vcpu {
-            fd,
+            registers: VcpuRegisters {
+                fd: Arc::new(fd),
+                _guest_memory: self.keepalive.clone(),
+            },
             id,
             run: Arc::new(run),
-            _guest_memory: self.keepalive.clone(),
         })
     }
 
@@ -415,27 +428,47 @@ impl Vm {
     }
 }
 
-/// A vCPU: its fd and its `kvm_run` mapping. Run it from one thread.
+/// A vCPU: its fd and its `kvm_run` mapping. Run it from one thread; its registers are also
+/// reachable through [`Vcpu::registers`] from other threads while it is outside `KVM_RUN`.
 #[derive(Debug)]
 pub struct Vcpu {
-    // Declared first: the fd closes before the mappings the kernel may still touch go away.
-    fd: OwnedFd,
+    registers: VcpuRegisters,
     id: u32,
     run: Arc<MmapRaw>,
+}
+
+/// A vCPU's state as a migration moves it: its general and special registers and the guest
+/// TSC (the built-in guest's paced writers keep their pace against it).
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuState {
+    /// `KVM_GET_REGS`.
+    pub regs: sys::kvm_regs,
+    /// `KVM_GET_SREGS`.
+    pub sregs: sys::kvm_sregs,
+    /// `MSR_IA32_TSC`.
+    pub tsc: u64,
+}
+
+/// The register side of a vCPU's fd, shared by the vCPU thread and whoever saves or restores
+/// the vCPU's state while it is outside `KVM_RUN` (a register ioctl on a running vCPU waits
+/// for `KVM_RUN` to return: the kernel takes the vCPU's lock for both). Holds the VM's guest
+/// memory alive, as the fd does.
+#[derive(Debug, Clone)]
+pub struct VcpuRegisters {
+    fd: Arc<OwnedFd>,
     _guest_memory: Arc<Mutex<Vec<GuestMemory>>>,
 }
 
-impl Vcpu {
-    /// The vCPU id (= APIC id).
-    pub fn id(&self) -> u32 {
-        self.id
+impl VcpuRegisters {
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// `KVM_GET_REGS`.
     pub fn regs(&self) -> io::Result<sys::kvm_regs> {
         let mut regs = sys::kvm_regs::default();
         // SAFETY: the request writes a kvm_regs.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), sys::KVM_GET_REGS, &mut regs)? };
+        unsafe { ioctl_ptr(self.fd(), sys::KVM_GET_REGS, &mut regs)? };
         Ok(regs)
     }
 
@@ -443,7 +476,7 @@ impl Vcpu {
     pub fn set_regs(&self, regs: &sys::kvm_regs) -> io::Result<()> {
         let mut regs = *regs;
         // SAFETY: the request reads a kvm_regs.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), sys::KVM_SET_REGS, &mut regs)? };
+        unsafe { ioctl_ptr(self.fd(), sys::KVM_SET_REGS, &mut regs)? };
         Ok(())
     }
 
@@ -451,7 +484,7 @@ impl Vcpu {
     pub fn sregs(&self) -> io::Result<sys::kvm_sregs> {
         let mut sregs = sys::kvm_sregs::default();
         // SAFETY: the request writes a kvm_sregs.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), sys::KVM_GET_SREGS, &mut sregs)? };
+        unsafe { ioctl_ptr(self.fd(), sys::KVM_GET_SREGS, &mut sregs)? };
         Ok(sregs)
     }
 
@@ -459,8 +492,60 @@ impl Vcpu {
     pub fn set_sregs(&self, sregs: &sys::kvm_sregs) -> io::Result<()> {
         let mut sregs = *sregs;
         // SAFETY: the request reads a kvm_sregs.
-        unsafe { ioctl_ptr(self.fd.as_raw_fd(), sys::KVM_SET_SREGS, &mut sregs)? };
+        unsafe { ioctl_ptr(self.fd(), sys::KVM_SET_SREGS, &mut sregs)? };
         Ok(())
+    }
+
+    /// The guest TSC (`KVM_GET_MSRS` of `MSR_IA32_TSC`).
+    pub fn tsc(&self) -> io::Result<u64> {
+        let mut msrs = sys::MsrBuf::new([sys::MSR_IA32_TSC]);
+        // SAFETY: the request takes a kvm_msrs header followed by `nmsrs` entries, which
+        // MsrBuf lays out contiguously; the kernel writes at most `nmsrs` entries' data.
+        let read = unsafe {
+            ioctl_ptr(
+                self.fd(),
+                sys::KVM_GET_MSRS,
+                &mut msrs as *mut sys::MsrBuf<1>,
+            )?
+        };
+        if read != 1 {
+            return Err(io::Error::other("KVM_GET_MSRS did not read MSR_IA32_TSC"));
+        }
+        Ok(msrs.entries[0].data)
+    }
+
+    /// Sets the guest TSC (`KVM_SET_MSRS` of `MSR_IA32_TSC`).
+    pub fn set_tsc(&self, tsc: u64) -> io::Result<()> {
+        let mut msrs = sys::MsrBuf::new([sys::MSR_IA32_TSC]);
+        msrs.entries[0].data = tsc;
+        // SAFETY: as in `tsc`; the kernel only reads the buffer.
+        let written = unsafe {
+            ioctl_ptr(
+                self.fd(),
+                sys::KVM_SET_MSRS,
+                &mut msrs as *mut sys::MsrBuf<1>,
+            )?
+        };
+        if written != 1 {
+            return Err(io::Error::other("KVM_SET_MSRS did not set MSR_IA32_TSC"));
+        }
+        Ok(())
+    }
+
+    /// The state a migration moves.
+    pub fn save(&self) -> io::Result<VcpuState> {
+        Ok(VcpuState {
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            tsc: self.tsc()?,
+        })
+    }
+
+    /// Puts back a state saved by [`VcpuRegisters::save`].
+    pub fn restore(&self, state: &VcpuState) -> io::Result<()> {
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        self.set_tsc(state.tsc)
     }
 
     /// `KVM_SET_CPUID2` with the first `nent` entries of `cpuid`.
@@ -471,7 +556,7 @@ impl Vcpu {
         // `nent` is at most the number of entries in the buffer.
         unsafe {
             ioctl_ptr(
-                self.fd.as_raw_fd(),
+                self.fd(),
                 sys::KVM_SET_CPUID2,
                 &mut *cpuid as *mut sys::CpuidBuf<CPUID_ENTRIES>,
             )?
@@ -482,14 +567,33 @@ impl Vcpu {
     /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`).
     pub fn tsc_khz(&self) -> io::Result<u32> {
         // SAFETY: KVM_GET_TSC_KHZ takes no argument and returns the frequency.
-        let khz = unsafe { ioctl_val(self.fd.as_raw_fd(), sys::KVM_GET_TSC_KHZ, 0)? };
+        let khz = unsafe { ioctl_val(self.fd(), sys::KVM_GET_TSC_KHZ, 0)? };
         Ok(khz as u32)
+    }
+
+    /// Sets the guest's TSC frequency in kHz (`KVM_SET_TSC_KHZ`, `KVM_CAP_TSC_CONTROL`).
+    pub fn set_tsc_khz(&self, khz: u32) -> io::Result<()> {
+        // SAFETY: KVM_SET_TSC_KHZ takes the frequency by value.
+        unsafe { ioctl_val(self.fd(), sys::KVM_SET_TSC_KHZ, khz.into())? };
+        Ok(())
+    }
+}
+
+impl Vcpu {
+    /// The vCPU id (= APIC id).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Its registers, shareable with other threads.
+    pub fn registers(&self) -> &VcpuRegisters {
+        &self.registers
     }
 
     /// Maps this vCPU's dirty ring of `entries` entries (the VM's ring size).
     #[cfg(not(loom))]
     pub fn map_dirty_ring(&self, entries: u32) -> io::Result<DirtyRingMap> {
-        DirtyRingMap::map(&self.fd, entries)
+        DirtyRingMap::map(&*self.registers.fd, entries)
     }
 
     /// A handle that makes this vCPU's next (or current, with a signal) `KVM_RUN` return.
@@ -502,7 +606,7 @@ impl Vcpu {
     pub fn run(&mut self) -> io::Result<VcpuExit> {
         // SAFETY: KVM_RUN takes no argument; the kernel writes the exit into the kvm_run
         // mapping this Vcpu owns.
-        match unsafe { ioctl_val(self.fd.as_raw_fd(), sys::KVM_RUN, 0) } {
+        match unsafe { ioctl_val(self.registers.fd(), sys::KVM_RUN, 0) } {
             Ok(_) => Ok(run::decode_exit(&self.run)),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(VcpuExit::Interrupted),
             Err(e) => Err(e),
