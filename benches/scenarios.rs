@@ -18,20 +18,13 @@ use std::time::Duration;
 use dirtyvm::limit::LimitAlgo;
 use dirtyvm::showcase::scenario::{self, Controller};
 
+mod common;
+
 fn main() {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        println!("scenarios: skipped, /dev/kvm is not available");
+    if !common::kvm_or_skip("scenarios") {
         return;
     }
-    // `cargo bench` passes --bench; a filter argument picks one table.
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let wants = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
-    if wants("accuracy") {
+    if common::wanted("accuracy") {
         println!("== dirty-rate accuracy (1 s windows, 3 each) ==");
         let mut rows = Vec::new();
         // Working sets of at least 1/8 of memory, and larger than a second of writing where
@@ -50,7 +43,7 @@ fn main() {
         }
         scenario::print_accuracy(&rows);
     }
-    if wants("convergence") {
+    if common::wanted("convergence") {
         println!(
             "\n== dirty-limit convergence (writer + reader, 1 s windows; 8 s under a limit, \
              14 s under auto-converge) =="

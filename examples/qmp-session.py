@@ -18,61 +18,13 @@ Exits 0 on success; on an error reply or an unmet expectation, prints it and exi
 Standard library only.
 """
 
-import json
-import socket
 import sys
 import time
 
+from qmp import Qmp, QmpError
+
 # QEMU's DIRTYLIMIT_TOLERANCE_RANGE, MB/s.
 TOLERANCE = 25
-
-
-class QmpError(Exception):
-    pass
-
-
-class Qmp:
-    """A minimal QMP client: one JSON object per line; events are skipped."""
-
-    def __init__(self, path, timeout=30.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rw", encoding="utf-8", newline="")
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QmpError(f"not a QMP greeting: {greeting}")
-        self.version = greeting["QMP"]["version"]
-
-    def _read(self):
-        line = self.file.readline()
-        if not line:
-            raise QmpError("the server closed the connection")
-        return json.loads(line)
-
-    def _reply(self):
-        while True:
-            message = self._read()
-            if "event" in message:
-                print(f"  (event {message['event']})")
-                continue
-            return message
-
-    def cmd(self, name, **arguments):
-        request = {"execute": name}
-        if arguments:
-            request["arguments"] = arguments
-        self.file.write(json.dumps(request) + "\r\n")
-        self.file.flush()
-        reply = self._reply()
-        if "error" in reply:
-            error = reply["error"]
-            raise QmpError(f"{name}: {error['class']}: {error['desc']}")
-        return reply["return"]
-
-    def close(self):
-        self.file.close()
-        self.sock.close()
 
 
 def session(path):

@@ -1003,3 +1003,82 @@ fn sighup_stops_the_run_and_writes_the_report() {
     }
     stops_cleanly_on(Signal::SIGHUP);
 }
+
+/// `--incoming` addresses that cannot be listened on are refused before anything runs.
+#[test]
+fn bad_incoming_addresses_are_bad_input() {
+    let dir = TempDir::new("incoming");
+    let fifo = dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let missing = dir.join("no-such-dir").join("m.sock");
+    let [dir_uri, fifo_uri, missing_uri] =
+        [&dir.0, &fifo, &missing].map(|p| format!("unix:{}", p.display()));
+    assert_bad_input(
+        &["--incoming", "foo:bar"],
+        &["--incoming", "unknown migration protocol: foo:bar"],
+    );
+    assert_bad_input(
+        &["--incoming", "tcp:0:99999"],
+        &["error parsing port in address '0:99999'"],
+    );
+    assert_bad_input(
+        &["--incoming", "tcp:nohostport"],
+        &["error parsing address 'nohostport'"],
+    );
+    assert_bad_input(
+        &["--incoming", &missing_uri],
+        &["--incoming", "no-such-dir"],
+    );
+    assert_bad_input(&["--incoming", &dir_uri], &["--incoming", "not a socket"]);
+    assert_bad_input(&["--incoming", &fifo_uri], &["--incoming", "not a socket"]);
+    assert_bad_input(&["--incoming", "defer"], &["--incoming defer", "--qmp"]);
+    // Nothing was touched.
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+}
+
+/// A destination stopped while it waits for its source: exit 0, says so, and writes a
+/// report with the migration that never came.
+#[test]
+fn sigterm_while_waiting_for_the_source_stops_cleanly() {
+    let dir = TempDir::new("incoming-wait");
+    let socket = dir.join("m.sock");
+    let report = dir.join("report.json");
+    let uri = format!("unix:{}", socket.display());
+    let mut child = Running::spawn(&[
+        "run",
+        "--incoming",
+        &uri,
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let stdout = drain(child.0 .0.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.0 .0.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + TIMEOUT;
+    while !std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+        assert!(Instant::now() < deadline, "the destination never listened");
+        thread::sleep(Duration::from_millis(10));
+    }
+    kill(child.pid(), Signal::SIGTERM).unwrap();
+    let status = child.wait(TIMEOUT, "SIGTERM while waiting");
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_no_panic(&out);
+    assert!(
+        out.stdout
+            .contains("stopped before a guest arrived (SIGTERM received)"),
+        "{}",
+        out.describe()
+    );
+    assert!(!socket.exists(), "the migration socket was left behind");
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(written["migration"]["role"], "destination");
+    assert_eq!(written["migration"]["status"], "setup");
+    assert!(written.get("vcpus").is_none());
+}

@@ -980,3 +980,57 @@ fn a_destination_of_another_shape_is_refused_with_both_values() {
     assert_guest_runs(&mut sq);
     assert_quits(&mut source, &mut sq);
 }
+
+/// `examples/migrate.py`, a QMP client written the way one drives QEMU's migration, moves the
+/// guest between two dirtyvm processes unchanged (skipped without `python3`).
+#[test]
+fn the_qemu_style_migration_script_runs_unchanged() {
+    if !common::kvm_available("the_qemu_style_migration_script_runs_unchanged") {
+        return;
+    }
+    let python = std::process::Command::new("python3")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !python.is_ok_and(|s| s.success()) {
+        eprintln!("skipping the_qemu_style_migration_script_runs_unchanged: no python3");
+        return;
+    }
+    let _vm = common::one_vm_at_a_time();
+    let (mut dest, uri) = destination("script-dest", &[]);
+    let mut source = start("script-source", &SOURCE);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/migrate.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&source.socket)
+        .arg(&uri)
+        .arg("--dest-qmp")
+        .arg(&dest.socket)
+        .args(["--max-bandwidth", "67108864", "--quit"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning python3");
+    let out = common::drain(child.stdout.take().unwrap());
+    let err = common::drain(child.stderr.take().unwrap());
+    let mut child = common::KillOnDrop(child);
+    let session = common::qmp::finish(&mut child, out, err, Duration::from_secs(60), "migrate.py");
+    assert_eq!(session.status.code(), Some(0), "{}", session.describe());
+    for expected in [
+        "\"status\": \"completed\"",
+        "MIGRATION events: setup active completed",
+        "destination: running",
+    ] {
+        assert!(
+            session.stdout.contains(expected),
+            "{expected:?} missing:\n{}",
+            session.describe()
+        );
+    }
+    for vm in [&mut source, &mut dest] {
+        let exited = vm.exit(EXIT_TIMEOUT);
+        assert!(exited.status.success(), "{}", exited.describe());
+    }
+}

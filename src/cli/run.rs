@@ -138,6 +138,11 @@ impl TryFrom<RunArgs> for RunPlan {
             None => Some(args.vcpus.unwrap_or(DEFAULT_VCPUS)),
         };
         let control = control(&args, known_vcpus)?;
+        if args.incoming == Some(Incoming::Defer) && args.qmp.is_none() {
+            return Err(Failure::usage(
+                "--incoming defer waits for QMP migrate-incoming: give --qmp PATH too",
+            ));
+        }
         let incoming = args
             .incoming
             .clone()

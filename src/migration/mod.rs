@@ -185,6 +185,9 @@ pub struct MigrationInfo {
     pub finishing: bool,
     /// Where a destination listens (with the port the system chose for port 0).
     pub listening: Option<MigrationUri>,
+    /// When the source began its switchover (paused the guest): with the destination's
+    /// resume on the same clock, the downtime.
+    pub switchover_at: Option<Instant>,
 }
 
 /// What QMP reports as events.

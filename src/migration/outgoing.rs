@@ -428,6 +428,7 @@ fn send_guest(
     {
         let mut state = shared.lock();
         state.info.finishing = true;
+        state.info.switchover_at = Some(downtime_start);
         *paused = machine.running();
         if *paused {
             state.event(MigrationEvent::Stop);
@@ -443,13 +444,22 @@ fn send_guest(
         let mut state = shared.lock();
         sender.sync(&mut state)?;
     }
-    while sender
-        .batch
-        .next()
-        .map(|page| sender.send_page(page))
-        .transpose()?
-        .is_some()
-    {}
+    // The guest is paused: its RAM is final. It is hashed while the last pages go.
+    let (sent, digest) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| digest::ram_digest(machine.ram().words(), DIGEST_THREADS));
+        let mut sent = Ok(());
+        while let Some(page) = sender.batch.next() {
+            sent = sender.send_page(page);
+            if sent.is_err() {
+                break;
+            }
+        }
+        let digest = hashing
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (sent, digest)
+    });
+    sent?;
     let device = DeviceState {
         vcpus: machine
             .vcpus()
@@ -459,7 +469,6 @@ fn send_guest(
             .map_err(|e| End::Failed(format!("saving the vCPUs' registers: {e}")))?,
         stats: machine.guest_stats(),
     };
-    let digest = digest::ram_digest(machine.ram().words(), DIGEST_THREADS);
     sender.out.device(&device)?;
     sender.out.digest(digest)?;
     sender.out.end()?;
@@ -486,7 +495,8 @@ fn send_guest(
     }
 }
 
-/// Hash threads for the digest at the switchover: the vCPUs are paused, the cores are free.
+/// Hash threads for the digest at the switchover: the vCPUs are paused, the cores are free
+/// but for the sending.
 const DIGEST_THREADS: usize = 2;
 
 #[cfg(test)]

@@ -129,12 +129,18 @@ impl std::error::Error for StreamError {}
 pub struct StreamWriter<W: Write> {
     out: W,
     bytes: u64,
+    /// A page record's bytes, reused.
+    record: Vec<u8>,
 }
 
 impl<W: Write> StreamWriter<W> {
     /// A writer onto `out` (buffer it: records are small).
     pub fn new(out: W) -> StreamWriter<W> {
-        StreamWriter { out, bytes: 0 }
+        StreamWriter {
+            out,
+            bytes: 0,
+            record: vec![0; 9 + PAGE_SIZE as usize],
+        }
     }
 
     /// Bytes written so far.
@@ -185,14 +191,16 @@ impl<W: Write> StreamWriter<W> {
             self.put(&b)?;
             return Ok(true);
         }
-        let mut b = [0u8; 9 + PAGE_SIZE as usize];
-        b[0] = TAG_PAGE;
-        b[1..9].copy_from_slice(&page.to_le_bytes());
-        for (chunk, word) in b[9..].chunks_exact_mut(8).zip(words) {
+        // One record, built in place, one write: no buffer to clear per page.
+        let mut record = std::mem::take(&mut self.record);
+        record[0] = TAG_PAGE;
+        record[1..9].copy_from_slice(&page.to_le_bytes());
+        for (chunk, word) in record[9..].chunks_exact_mut(8).zip(words) {
             chunk.copy_from_slice(&word.to_le_bytes());
         }
-        self.put(&b)?;
-        Ok(false)
+        let written = self.put(&record);
+        self.record = record;
+        written.map(|()| false)
     }
 
     /// The end of a pass.

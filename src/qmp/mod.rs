@@ -36,6 +36,33 @@
 //!   writes it back as `inf`, which is not JSON.
 //! - Keys inside a reply come out in sorted order (QEMU's follow its hash tables); where
 //!   several members are wrong, the first in sorted order is the one reported.
+//!
+//! Migration (QEMU 8.2's commands; the stream is dirtyvm's own, so dirtyvm and QEMU do not
+//! migrate to each other):
+//!
+//! - The source waits for the destination's word that the guest runs there before it says
+//!   `completed` (QEMU without `return-path` completes when the stream is sent), and
+//!   `downtime` runs from the source's pause to that word: the pause the guest really had,
+//!   measured on one clock.
+//! - The destination takes the VM's shape from the stream (QEMU needs the same command line on
+//!   both sides); until the guest arrives, `query-cpus-fast` is `[]` and the commands that need
+//!   a guest (`calc-dirty-rate`, `set-vcpu-dirty-limit`, the `x-` ones) answer "the guest has
+//!   not arrived yet: this dirtyvm waits for an incoming migration".
+//! - `migrate-set-parameters` takes the parameters dirtyvm implements (`max-bandwidth`,
+//!   `avail-switchover-bandwidth`, `downtime-limit`, the `cpu-throttle-*` and
+//!   `throttle-trigger-threshold`, `max-cpu-throttle`, `x-vcpu-dirty-limit-period`,
+//!   `vcpu-dirty-limit`); the others (compression, multifd, TLS, announce, xbzrle) are
+//!   "unexpected". `query-migrate-parameters` lists them all, at QEMU's defaults. Negative
+//!   numbers are refused ("expects uint64") where QEMU wraps them.
+//! - Capabilities other than `events`, `auto-converge` and `dirty-limit` can only be set off
+//!   ("Capability 'X' is not supported by dirtyvm").
+//! - `migrate` refuses `blk`/`inc` (no block devices), `resume` (no postcopy) and `channels`
+//!   (QEMU 8.2's text when given with `uri`); `migrate-incoming` refuses `channels` alone.
+//!   A VM without dirty tracking (`--dirty-log none`) cannot be migrated.
+//! - `ram.total` is guest RAM exactly (QEMU adds its ROM and video RAM blocks);
+//!   `ram.transferred` counts every byte of the stream, as 8.2 does.
+//! - A listening destination's `socket-address` has `type`, `host` and `port` (a string, as
+//!   QEMU's), without QEMU's `ipv4`/`ipv6` flags.
 
 mod commands;
 mod json;
