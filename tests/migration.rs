@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use dirtyvm::digest;
 use dirtyvm::migration::{self, Expect, Migration, MigrationInfo, MigrationStatus, Received};
+use dirtyvm::rate::{RateMode, RateRequest, RateStatus};
 use dirtyvm::tracking::DirtyLog;
 use dirtyvm::vm::guest::{GuestStats, VcpuPlan, Workload};
 use dirtyvm::vmm::{Boot, Machine, VmConfig};
@@ -207,6 +208,25 @@ fn migrate_and_check(source: VmConfig, uri: &str) {
     let _vm = common::one_vm_at_a_time();
     let source_machine = Arc::new(Machine::boot(&source).unwrap());
     sleep(Duration::from_millis(300));
+    // Migration, a dirty-rate measurement and the limiter share the tracker: all at once.
+    let mode = match source.dirty_log {
+        DirtyLog::Ring => {
+            source_machine
+                .limiter()
+                .set_limit(Some(1), 64.0, None)
+                .unwrap();
+            RateMode::DirtyRing
+        }
+        _ => RateMode::DirtyBitmap,
+    };
+    source_machine
+        .rate_meter()
+        .start(RateRequest {
+            mode,
+            calc_time_ms: 200,
+            sample_pages: 512,
+        })
+        .unwrap();
     let Moved {
         info,
         dest,
@@ -223,6 +243,9 @@ fn migrate_and_check(source: VmConfig, uri: &str) {
         "the source's RAM at pause is not what arrived"
     );
     assert!(info.downtime_ms.is_some());
+    let measured = source_machine.rate_meter().wait(Duration::from_secs(10));
+    assert_eq!(measured.status, RateStatus::Measured, "{measured:?}");
+    assert!(measured.last.unwrap().rate_mibps > 0.0);
     // The first pass takes all of RAM (QEMU's may end before it sent it all, when what is
     // left fits the threshold; the rest goes with the next pass): every page went once.
     let pages = source.memory / 4096;

@@ -210,7 +210,9 @@ impl Sender<'_> {
     }
 
     /// Syncs the dirty log: a new pass begins with the pages dirtied since the last sync.
-    fn sync(&mut self, state: &mut StateGuard<'_>) -> Result<(), End> {
+    /// The pass marker goes on the stream before the state's lock is taken: no lock is held
+    /// across a socket write.
+    fn sync(&mut self, shared: &SharedState) -> Result<(), End> {
         let dirty = self
             .machine
             .tracker()
@@ -218,8 +220,10 @@ impl Sender<'_> {
             .map_err(|e| End::Failed(format!("syncing the dirty log: {e}")))?;
         let found = dirty.count();
         self.batch.add(&dirty);
+        self.out.end_of_pass(self.iteration.pass as u32)?;
         let now = Instant::now();
-        self.finish_pass(state, now);
+        let mut state = shared.lock();
+        self.finish_pass(&mut state, now);
         self.iteration = Iteration {
             pass: self.iteration.pass + 1,
             dirty_pages_found: found,
@@ -241,7 +245,6 @@ impl Sender<'_> {
             let pass = state.info.ram.dirty_sync_count;
             state.event(MigrationEvent::Pass(pass));
         }
-        self.out.end_of_pass(self.iteration.pass as u32 - 1)?;
         Ok(())
     }
 
@@ -400,13 +403,10 @@ fn send_guest(
         if aborted() {
             return Err(End::Cancelled);
         }
-        {
-            let mut state = shared.lock();
+        if sender.batch.remaining * PAGE_SIZE <= sender.threshold {
+            sender.sync(shared)?;
             if sender.batch.remaining * PAGE_SIZE <= sender.threshold {
-                sender.sync(&mut state)?;
-                if sender.batch.remaining * PAGE_SIZE <= sender.threshold {
-                    break;
-                }
+                break;
             }
         }
         let budget = (shared.lock().params.max_bandwidth / 10).max(PAGE_SIZE + 9);
@@ -440,10 +440,7 @@ fn send_guest(
         ));
     }
     sender.precopy_bytes = sender.out.bytes();
-    {
-        let mut state = shared.lock();
-        sender.sync(&mut state)?;
-    }
+    sender.sync(shared)?;
     // The guest is paused: its RAM is final. It is hashed while the last pages go.
     let (sent, digest) = std::thread::scope(|scope| {
         let hashing = scope.spawn(|| digest::ram_digest(machine.ram().words(), DIGEST_THREADS));
