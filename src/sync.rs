@@ -1,6 +1,6 @@
 //! Synchronization shared by the crate: the atomics the lock-free protocols are written
 //! against (loom's under `cfg(loom)`), a poison-tolerant lock, and the one pattern every
-//! background thread follows ([`Worker`]).
+//! background thread follows (`Worker`).
 //!
 //! Only heap-backed slot stores can be built from loom atomics: loom keeps per-location
 //! history beside the value, so a loom atomic cannot be overlaid on the kernel's mmap'd ring.

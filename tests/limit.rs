@@ -286,3 +286,36 @@ fn the_lowest_limits_never_freeze_the_writer() {
         "reference, 2 MiB/s: the writer stood still for two seconds in a row ({reference:.1?})"
     );
 }
+
+/// A paused vCPU serving a penalty when the machine shuts down: the stop's wakeup can be
+/// taken by the penalty's sleep, and the paused vCPU must still see the stop (it once parked
+/// forever). Several rounds, each with a watchdog: the shutdown must end.
+#[test]
+fn a_paused_vcpu_serving_a_penalty_still_stops() {
+    if !common::kvm_available("a_paused_vcpu_serving_a_penalty_still_stops") {
+        return;
+    }
+    let _turn = common::one_vm_at_a_time();
+    for round in 0..10 {
+        let workloads = vec!["write:8M".parse().unwrap(), "write:8M".parse().unwrap()];
+        let machine = std::sync::Arc::new(
+            Machine::boot(&VmConfig::new(2, 32 << 20, workloads).with_dirty_log(DirtyLog::Ring))
+                .unwrap(),
+        );
+        // At 1 MiB/s the writers spend nearly all their time asleep under a penalty.
+        machine.limiter().set_limit(None, 1.0, None).unwrap();
+        sleep(Duration::from_millis(100));
+        assert!(machine.pause());
+        let stopping = machine.clone();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(stopping.shutdown().is_ok());
+        });
+        let ended = finished.recv_timeout(Duration::from_secs(10));
+        assert_eq!(
+            ended,
+            Ok(true),
+            "round {round}: the shutdown hung or failed"
+        );
+    }
+}

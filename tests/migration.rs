@@ -23,6 +23,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use dirtyvm::digest;
+use dirtyvm::limit::LimitAlgo;
 use dirtyvm::migration::{self, Expect, Migration, MigrationInfo, MigrationStatus, Received};
 use dirtyvm::rate::{RateMode, RateRequest, RateStatus};
 use dirtyvm::tracking::DirtyLog;
@@ -1056,4 +1057,179 @@ fn the_qemu_style_migration_script_runs_unchanged() {
         let exited = vm.exit(EXIT_TIMEOUT);
         assert!(exited.status.success(), "{}", exited.describe());
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Convergence aids (in this process: source, and a destination that boots the guest).
+
+use dirtyvm::migration::Parameters;
+use dirtyvm::showcase::migration::{converge, Aid, ConvergenceCase, ConvergenceRow};
+
+/// A writer over 32 MiB, unpaced (some 600 MiB/s here), and a reader, in 128 MiB, over a
+/// 64 MiB/s link: the writer re-dirties its working set faster than a pass sends it.
+fn capped_link(aid: Aid, bound: Duration) -> ConvergenceRow {
+    let mut case = ConvergenceCase::qemu_shape(aid, "write:32M");
+    case.reader = "read:32M".into();
+    case.memory = 128 << 20;
+    case.bound = bound;
+    // Auto-converge's first step alone is enough (a test cannot wait for 20, 30, ... 99 %).
+    case.params = Parameters {
+        cpu_throttle_initial: 95,
+        ..case.params
+    };
+    let (row, _) = converge(&case).unwrap();
+    eprintln!(
+        "{}: converged {} in {:.1} s, writer {:.0} %, reader {:.0} %, penalties {:?} ms",
+        row.aid,
+        row.converged,
+        row.total_s,
+        row.writer_share * 100.0,
+        row.reader_share * 100.0,
+        row.penalty_ms
+    );
+    row
+}
+
+#[test]
+fn a_writer_outrunning_the_link_converges_only_with_an_aid() {
+    if !common::kvm_available("a_writer_outrunning_the_link_converges_only_with_an_aid") {
+        return;
+    }
+    let _vm = common::one_vm_at_a_time();
+    let none = capped_link(Aid::None, Duration::from_secs(6));
+    assert!(!none.converged, "converged without an aid: {none:?}");
+    assert_eq!(none.penalty_ms, (0.0, 0.0));
+    for aid in [
+        Aid::AutoConverge,
+        Aid::DirtyLimit(1, LimitAlgo::Quota),
+        Aid::AutoLimit,
+    ] {
+        let row = capped_link(aid, Duration::from_secs(30));
+        assert!(row.converged, "{aid} did not converge: {row:?}");
+        match aid {
+            Aid::AutoConverge => {
+                assert_eq!(row.max_throttle, 95, "{row:?}");
+                // The throttle slows every vCPU alike: the reader served penalties too.
+                assert!(row.penalty_ms.1 > 0.0, "{row:?}");
+            }
+            _ => {
+                // The dirty limit holds the writer only: the reader, limited too by the
+                // capability (every vCPU), dirtied nothing and never slept.
+                assert!(row.penalty_ms.0 > 0.0, "{row:?}");
+                assert_eq!(row.penalty_ms.1, 0.0, "the reader was penalized: {row:?}");
+                assert!(row.min_limit_mibps.is_some());
+            }
+        }
+    }
+}
+
+/// Polls until `check` accepts `query-migrate`'s reply; fails after `timeout`.
+#[track_caller]
+fn wait_migrate(qmp: &mut Qmp, timeout: Duration, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = qmp.ok("query-migrate", Value::Null);
+        if check(&info) {
+            return info;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "query-migrate never got there: {info}"
+        );
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// The capabilities over QMP on a real VM: their conflicts, a dirty-limit migration that
+/// holds the limits (a user's set and cancel refused with QEMU's texts, the two `dirty-limit-`
+/// members in `query-migrate`), `migrate_cancel` lifting them; auto-converge's percentage in
+/// `query-migrate` and the throttle off after the cancel.
+#[test]
+fn the_capabilities_act_and_answer_as_qemu_8_2() {
+    if !common::kvm_available("the_capabilities_act_and_answer_as_qemu_8_2") {
+        return;
+    }
+    let _vm = common::one_vm_at_a_time();
+    let mut source = start("caps-source", &SOURCE);
+    let mut sq = source.client();
+    let caps = |on: &[(&str, bool)]| json!({"capabilities": on.iter().map(|(c, s)| json!({"capability": c, "state": s})).collect::<Vec<_>>()});
+    sq.generic(
+        "migrate-set-capabilities",
+        caps(&[("auto-converge", true), ("dirty-limit", true)]),
+        "dirty-limit conflicts with auto-converge either of then available currently",
+    );
+    sq.ok("migrate-set-capabilities", caps(&[("dirty-limit", true)]));
+    sq.generic(
+        "migrate-set-capabilities",
+        caps(&[("auto-converge", true)]),
+        "dirty-limit conflicts with auto-converge either of then available currently",
+    );
+    sq.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 16 << 20, "vcpu-dirty-limit": 1}),
+    );
+    let (mut dest, uri) = destination("caps-dest", &[]);
+    sq.ok("migrate", json!({ "uri": uri }));
+    // The trigger: every second period (≥ 1 s) whose dirtying outruns half the bytes sent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sq.ok("query-vcpu-dirty-limit", Value::Null) == json!([]) {
+        assert!(
+            Instant::now() < deadline,
+            "the migration never limited the vCPUs"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    // Hold the migration in precopy while the limits are looked at.
+    set_bandwidth(&mut sq, 1 << 20);
+    let limits = sq.ok("query-vcpu-dirty-limit", Value::Null);
+    assert_eq!(limits.as_array().unwrap().len(), 2, "{limits}");
+    assert_eq!(limits[0]["limit-rate"], 1);
+    sq.generic(
+        "set-vcpu-dirty-limit",
+        json!({"dirty-rate": 100}),
+        "can't set dirty page rate limit while migration is running",
+    );
+    sq.generic(
+        "cancel-vcpu-dirty-limit",
+        Value::Null,
+        "can't cancel dirty page rate limit while migration is running",
+    );
+    let info = wait_migrate(&mut sq, Duration::from_secs(5), |i| {
+        i.get("dirty-limit-ring-full-time").is_some()
+    });
+    assert_eq!(info["status"], "active", "{info}");
+    assert!(
+        info["dirty-limit-throttle-time-per-round"].is_u64(),
+        "{info}"
+    );
+    assert!(info.get("cpu-throttle-percentage").is_none(), "{info}");
+    sq.ok("migrate_cancel", Value::Null);
+    wait_status(&mut sq, &["cancelled"], Duration::from_secs(10));
+    assert_eq!(sq.ok("query-vcpu-dirty-limit", Value::Null), json!([]));
+    sq.ok(
+        "set-vcpu-dirty-limit",
+        json!({"cpu-index": 0, "dirty-rate": 100}),
+    );
+    sq.ok("cancel-vcpu-dirty-limit", Value::Null);
+    assert!(!dest.exit(EXIT_TIMEOUT).status.success());
+
+    // Auto-converge: its percentage in query-migrate, the throttle off after the cancel.
+    sq.ok(
+        "migrate-set-capabilities",
+        caps(&[("dirty-limit", false), ("auto-converge", true)]),
+    );
+    set_bandwidth(&mut sq, 16 << 20);
+    let (mut dest, uri) = destination("caps-dest-again", &[]);
+    sq.ok("migrate", json!({ "uri": uri }));
+    let info = wait_migrate(&mut sq, Duration::from_secs(20), |i| {
+        i.get("cpu-throttle-percentage").is_some()
+    });
+    assert_eq!(info["cpu-throttle-percentage"], 20, "{info}");
+    assert_eq!(sq.ok("x-query-auto-converge", Value::Null)["percent"], 20);
+    sq.ok("migrate_cancel", Value::Null);
+    wait_status(&mut sq, &["cancelled"], Duration::from_secs(10));
+    assert_eq!(sq.ok("x-query-auto-converge", Value::Null)["percent"], 0);
+    assert_guest_runs(&mut sq);
+    assert!(!dest.exit(EXIT_TIMEOUT).status.success());
+    assert_quits(&mut source, &mut sq);
 }

@@ -99,7 +99,7 @@ struct DemoArgs {
     #[arg(long, default_value_t = 64.0, value_name = "MIBPS", value_parser = parse_limit, allow_negative_numbers = true)]
     limit: f64,
     /// Seconds under the dirty limit (auto-converge gets 4 more to climb).
-    #[arg(long, default_value_t = 8, value_name = "SECS", value_parser = clap::value_parser!(u64).range(3..=600), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 6, value_name = "SECS", value_parser = clap::value_parser!(u64).range(3..=600), allow_negative_numbers = true)]
     phase_secs: u64,
     /// Where to write the picture (SVG).
     #[arg(long, default_value = "dirtyvm-demo.svg", value_name = "PATH")]
@@ -130,9 +130,14 @@ pub struct RunArgs {
     /// a full-speed writer takes longest to fill.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     ring_entries: Option<u32>,
-    /// Reaper cadence: `adaptive` (from ring fill and ring-full exits) or `fixed:MS`
-    /// (`fixed:1000` is the reference design).
-    #[arg(long, default_value = "adaptive", value_name = "adaptive|fixed:MS")]
+    /// Reaper cadence: `adaptive` (dirtyvm's: from the fastest rate any ring has filled at
+    /// and ring-full exits), `levels` (Chongyun Wu's six run levels, 1 s down to 80 ms, from
+    /// ring fill and ring-full exits) or `fixed:MS` (`fixed:1000` is QEMU's).
+    #[arg(
+        long,
+        default_value = "adaptive",
+        value_name = "adaptive|levels|fixed:MS"
+    )]
     reaper: Cadence,
     /// Measure the dirty rate back to back through the run, each result printed beside the
     /// ground truth: MODE is page-sampling, dirty-ring or dirty-bitmap, MS the window

@@ -183,6 +183,8 @@ struct State {
     vcpus: Vec<VcpuState>,
     throttle: Option<Throttle>,
     reference: reference::Shared,
+    /// The reference algorithm's measurement period, seconds.
+    reference_period: f64,
     /// `None` until the thread has asked for `SCHED_FIFO`.
     policy: Option<Policy>,
     series: Vec<SeriesPoint>,
@@ -258,6 +260,7 @@ impl DirtyLimiter {
             vcpus: states,
             throttle: None,
             reference: reference::Shared::new(ring_entries),
+            reference_period: reference::PERIOD,
             policy: None,
             series: Vec::new(),
             series_every: SERIES_EVERY,
@@ -303,6 +306,7 @@ impl DirtyLimiter {
         if state.throttle.is_some() {
             return Err(LimitError::Conflict);
         }
+        let period = state.reference_period;
         for id in ids {
             let v = &mut state.vcpus[id];
             match (&mut v.limit, algo) {
@@ -316,7 +320,9 @@ impl DirtyLimiter {
                 _ => {
                     let strategy = match algo {
                         LimitAlgo::Quota => Strategy::Quota(Quota::new(mibps * PAGES_PER_MIB)),
-                        LimitAlgo::Reference => Strategy::Reference(Reference::new(mibps as u64)),
+                        LimitAlgo::Reference => {
+                            Strategy::Reference(Reference::new(mibps as u64, period))
+                        }
                     };
                     v.limit = Some(Limit {
                         mibps,
@@ -406,6 +412,94 @@ impl DirtyLimiter {
                 format_args!("cannot start the dirty-limit controller: {e}"),
             );
         }
+    }
+
+    /// Sets the reference algorithm's measurement period (QEMU's `x-vcpu-dirty-limit-period`
+    /// during a dirty-limit migration, 1 s otherwise), for its limits now and later.
+    pub fn set_reference_period(&self, period: Duration) {
+        let mut state = self.worker.lock();
+        state.reference_period = period.as_secs_f64();
+        for v in &mut state.vcpus {
+            if let Some(Limit {
+                strategy: Strategy::Reference(r),
+                ..
+            }) = &mut v.limit
+            {
+                r.set_period(period.as_secs_f64());
+            }
+        }
+    }
+
+    /// What a dirty-limit migration reports of the limiter, in QEMU's terms, µs:
+    /// `dirty-limit-throttle-time-per-round` and `dirty-limit-ring-full-time`. For the
+    /// reference algorithm, QEMU's definitions: the largest sleep per ring-full of any vCPU,
+    /// and the time the ring takes to fill at the mean dirty rate of the running vCPUs (the
+    /// reference's process-wide maximum rate, updated by it, as QEMU's is). The quota
+    /// controller has no sleep per ring-full: its round is a second, so the first is the
+    /// most penalty time any limited vCPU served in the last second; the second is the time
+    /// the ring takes to fill at the running vCPUs' mean dirty rate now. Both 0 without rings
+    /// or without a dirtying vCPU.
+    pub fn migration_view(&self) -> (u64, u64) {
+        let estimates = self.context.tracker.rate_estimates();
+        let running: Vec<f64> = self
+            .context
+            .vcpus
+            .iter()
+            .zip(&estimates)
+            .filter(|(control, _)| !control.paused())
+            .map(|(_, e)| e.trailing_mibps)
+            .collect();
+        let mean_mibps = match running.len() {
+            0 => 0.0,
+            n => running.iter().sum::<f64>() / n as f64,
+        };
+        let penalties: Vec<f64> = (0..self.vcpus())
+            .map(|id| self.penalty(id).ms_per_s)
+            .collect();
+        let mut state = self.worker.lock();
+        let reference = state.vcpus.iter().any(|v| {
+            matches!(
+                v.limit,
+                Some(Limit {
+                    strategy: Strategy::Reference(_),
+                    ..
+                })
+            )
+        });
+        if reference {
+            let throttle = state
+                .vcpus
+                .iter()
+                .filter_map(|v| match &v.limit {
+                    Some(Limit {
+                        strategy: Strategy::Reference(r),
+                        ..
+                    }) => Some(r.throttle_us().max(0) as u64),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            let ring_full = match mean_mibps as u64 {
+                0 => 0,
+                rate => state.reference.ring_full_time_us(rate),
+            };
+            return (throttle, ring_full);
+        }
+        let throttle = state
+            .vcpus
+            .iter()
+            .zip(&penalties)
+            .filter(|(v, _)| v.limit.is_some())
+            .map(|(_, ms)| (ms * 1000.0) as u64)
+            .max()
+            .unwrap_or(0);
+        let ring_bytes = f64::from(self.context.tracker.ring_entries().unwrap_or(0)) * 4096.0;
+        let ring_full = if mean_mibps > 0.0 {
+            (ring_bytes / (mean_mibps * (1u64 << 20) as f64) * 1e6) as u64
+        } else {
+            0
+        };
+        (throttle, ring_full)
     }
 
     /// Limited vCPUs with their current rates (the tracker's trailing estimates).

@@ -6,9 +6,9 @@
 //! 1. **prepares**: reaps the dirty rings, so every vCPU's harvested count is exact up to
 //!    now, and reads how long each vCPU has slept;
 //! 2. **calculates**, per limited vCPU, with its strategy: dirtyvm's [`quota`] (the default)
-//!    or the [`reference`] algorithm (QEMU's, computed exactly); or, for every vCPU alike,
+//!    or the [`reference`](mod@reference) algorithm (QEMU's, computed exactly); or, for every vCPU alike,
 //!    the [`throttle`];
-//! 3. **sets the penalty**: publishes "sleep until T" in the vCPU's [`PenaltySlot`] and kicks
+//! 3. **sets the penalty**: publishes "sleep until T" in the vCPU's [`PenaltySlot`](crate::vm::handoff::PenaltySlot) and kicks
 //!    the vCPU out of `KVM_RUN`;
 //!
 //! and sleeps until the earliest moment a strategy asked to look again (at most 20 ms).
@@ -104,7 +104,7 @@ impl DutyCycle {
 pub enum LimitAlgo {
     /// dirtyvm's quota with predictive kicks ([`quota`]).
     Quota,
-    /// QEMU's algorithm ([`reference`]).
+    /// QEMU's algorithm ([`reference`](mod@reference)).
     Reference,
 }
 

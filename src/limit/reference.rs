@@ -27,7 +27,8 @@
 
 use super::{Decision, DutyCycle, Usage};
 
-/// Measurement period of the reference controller, seconds (`DIRTYLIMIT_CALC_TIME_MS`).
+/// Measurement period of the reference controller, seconds (`DIRTYLIMIT_CALC_TIME_MS`);
+/// during a dirty-limit migration, `x-vcpu-dirty-limit-period` instead.
 pub const PERIOD: f64 = 1.0;
 /// `DIRTYLIMIT_TOLERANCE_RANGE`, MB/s.
 const TOLERANCE: u64 = 25;
@@ -95,6 +96,8 @@ pub fn adjust_throttle(shared: &mut Shared, throttle_us: i64, quota: u64, curren
 #[derive(Debug, Clone)]
 pub struct Reference {
     quota: u64,
+    /// The measurement period, seconds.
+    period: f64,
     throttle_us: i64,
     ring_full_time_us: u64,
     period_dirtied: f64,
@@ -103,10 +106,12 @@ pub struct Reference {
 }
 
 impl Reference {
-    /// A controller for a limit of `quota` MB/s, with no throttle yet.
-    pub fn new(quota: u64) -> Reference {
+    /// A controller for a limit of `quota` MB/s measuring every `period` seconds, with no
+    /// throttle yet.
+    pub fn new(quota: u64, period: f64) -> Reference {
         Reference {
             quota,
+            period,
             throttle_us: 0,
             ring_full_time_us: 0,
             period_dirtied: 0.0,
@@ -120,13 +125,18 @@ impl Reference {
         self.throttle_us
     }
 
-    /// Folds in usage since the last step and decides. Every `PERIOD`, asleep or not, it
+    /// Measures every `period` seconds from now on.
+    pub fn set_period(&mut self, period: f64) {
+        self.period = period;
+    }
+
+    /// Folds in usage since the last step and decides. Every period, asleep or not, it
     /// measures the rate as QEMU does (`((pages × 1000 × 4096) >> 20) / elapsed_ms`) and
     /// adjusts the throttle; a sleep in progress then ends at most the new throttle later.
     pub fn step(&mut self, shared: &mut Shared, usage: Usage, asleep_for: f64) -> Decision {
         self.period_dirtied += usage.dirtied;
         self.period_elapsed += usage.elapsed;
-        let adjusted = self.period_elapsed >= PERIOD;
+        let adjusted = self.period_elapsed >= self.period;
         if adjusted {
             let elapsed_ms = (self.period_elapsed * 1000.0) as u64;
             let current = ((self.period_dirtied as u64 * 1000 * 4096) >> 20) / elapsed_ms.max(1);
@@ -136,7 +146,7 @@ impl Reference {
             self.period_elapsed = 0.0;
         }
         let throttle = self.throttle_us as f64 / 1e6;
-        let period_left = PERIOD - self.period_elapsed;
+        let period_left = self.period - self.period_elapsed;
         if asleep_for > 0.0 {
             // Still asleep: the duty cycle waits for it, but the period does not.
             self.duty.step(0.0, 0.0, usage, asleep_for);
@@ -208,7 +218,7 @@ mod tests {
         // dirtied nothing, so its throttle is 0, and the sleep ends at once instead of
         // running to its end (QEMU's uninterruptible sleep would).
         let mut shared = Shared::new(4096);
-        let mut vcpu = Reference::new(10);
+        let mut vcpu = Reference::new(10, PERIOD);
         let burst = Usage {
             elapsed: 1.0,
             ran: 1.0,
@@ -244,7 +254,7 @@ mod tests {
     #[test]
     fn delivery_sleeps_throttle_after_every_t_of_running() {
         let mut shared = Shared::new(4096);
-        let mut vcpu = Reference::new(100);
+        let mut vcpu = Reference::new(100, PERIOD);
         // One second at 1000 MB/s = 256 000 pages.
         let usage = Usage {
             elapsed: 1.0,

@@ -161,7 +161,7 @@ fn fail(migration: &Migration, why: String) -> String {
 }
 
 impl Migration {
-    /// The incoming migration is done: the guest is here (after [`Received::accept`]), and
+    /// The incoming migration is done: the guest is here (after [`Answer::accept`]), and
     /// `running` says whether it was started.
     pub fn incoming_completed(&self, running: bool) {
         self.with_state(|s| {

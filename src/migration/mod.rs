@@ -18,6 +18,10 @@
 //! No lock is held across a socket write: the dirty set is taken under the tracker's lock,
 //! then pages are read straight from guest memory.
 //!
+//! When the guest dirties faster than the stream sends, the `auto-converge` or `dirty-limit`
+//! capability slows it, on QEMU's trigger; `x-vcpu-dirty-limit-auto` lets the migration set
+//! the limits itself, and `x-expected-completion-ms` forecasts the end (`converge`).
+//!
 //! # The destination ([`incoming`](self))
 //!
 //! `dirtyvm run --incoming URI` (or `defer`, then QMP `migrate-incoming`) listens, says hello,
@@ -32,12 +36,14 @@
 //!
 //! dirtyvm's own, versioned, with a magic number; its module docs give the layout.
 
+mod converge;
 mod incoming;
 mod outgoing;
 mod params;
 pub mod stream;
 mod uri;
 
+pub use converge::AidView;
 pub use incoming::{receive, Answer, Expect, Received};
 pub use params::{
     Capabilities, ParameterError, Parameters, CAPABILITIES, DEFAULT_DOWNTIME_LIMIT_MS,
@@ -188,6 +194,11 @@ pub struct MigrationInfo {
     /// When the source began its switchover (paused the guest): with the destination's
     /// resume on the same clock, the downtime.
     pub switchover_at: Option<Instant>,
+    /// The convergence aid's figures (while active).
+    pub aids: AidView,
+    /// `x-expected-completion-ms`: the forecast time to completion (while active, when it
+    /// converges).
+    pub expected_completion_ms: Option<u64>,
 }
 
 /// What QMP reports as events.
@@ -543,6 +554,15 @@ impl Migration {
                 .shared()
                 .wait_while(self.worker.lock(), Some(timeout), |s| s.listener.is_none());
         state.listener.take()
+    }
+
+    /// Whether an outgoing migration with the `dirty-limit` capability runs: then the
+    /// limits are the migration's, and QMP refuses a user's (with the limiter in service).
+    pub fn holds_dirty_limits(&self) -> bool {
+        let state = self.worker.lock();
+        state.caps.dirty_limit
+            && state.info.role == Some(Role::Source)
+            && state.info.status.running()
     }
 
     /// Where the migration stands.

@@ -4,6 +4,7 @@ use std::io::{self, BufWriter};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::converge::{self, AidView, Convergence, Period};
 use super::stream::{self, DeviceState, StreamWriter, Verdict};
 use super::{
     stream_config, Iteration, Job, MigrationEvent, MigrationStatus, SharedState, StateGuard,
@@ -18,6 +19,8 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// The longest one round of sending lasts before the counters and the limit are looked at
 /// (QEMU's `MAX_WAIT`).
 const MAX_SEND: Duration = Duration::from_millis(50);
+/// How much of each window's bandwidth the smoothed one takes in.
+const BANDWIDTH_SMOOTHING: f64 = 0.3;
 /// How long to wait for a connection, and for the destination's hello.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to check and start the guest once the stream ended.
@@ -45,17 +48,41 @@ impl From<io::Error> for End {
     }
 }
 
+/// What the functions of one outgoing migration share: the view they report to, the cancel
+/// flag they obey, the convergence aid, and whether the switchover paused a running guest.
+struct Outgoing<'a> {
+    shared: &'a SharedState,
+    cancel: &'a AtomicBool,
+    convergence: Convergence,
+    /// The switchover paused a running guest: it resumes if the migration fails.
+    paused: bool,
+}
+
 /// Runs `job` to its end, keeping the shared view up to date.
 pub(super) fn run(shared: &SharedState, job: &Job, cancel: &AtomicBool) {
-    let mut paused = false;
-    let mut result = migrate(shared, job, cancel, &mut paused);
+    let (caps, params) = {
+        let state = shared.lock();
+        (state.caps, state.params)
+    };
+    let mut out = Outgoing {
+        shared,
+        cancel,
+        convergence: Convergence::new(caps, &params, &job.machine),
+        paused: false,
+    };
+    let mut result = migrate(&mut out, job);
     // Relaxed: as in `Sender::send`; a cancel shuts the connection down, and the error
     // that makes is the cancel's.
     if result.is_err() && cancel.load(Ordering::Relaxed) {
         result = Err(End::Cancelled);
     }
+    out.convergence
+        .finish(&job.machine, matches!(result, Err(End::Cancelled)));
+    let paused = out.paused;
     let mut state = shared.lock();
     state.connection = None;
+    state.info.aids = AidView::default();
+    state.info.expected_completion_ms = None;
     state.info.finishing = false;
     state.info.total_time_ms = state.elapsed_ms();
     state.info.ram.remaining = 0;
@@ -156,11 +183,20 @@ struct Sender<'a> {
     threshold: u64,
     /// Bytes per millisecond measured over the last window.
     bandwidth: f64,
-    /// The last sync of the dirty log, and the dirty pages found since the period began.
+    /// Bytes per second, smoothed over the windows: what plans and forecasts use.
+    smoothed_bandwidth: f64,
+    /// When the sync period began (QEMU's `time_last_bitmap_sync`), the dirty pages found
+    /// since, the pages among them that were not pending already, and the bytes sent then.
     sync_period_start: Instant,
     dirty_in_period: u64,
+    fresh_in_period: u64,
+    sent_at_period_start: u64,
+    /// Newly dirty bytes per second over the last period.
+    fresh_rate: f64,
     /// Bytes sent while the guest ran.
     precopy_bytes: u64,
+    /// The convergence aid.
+    convergence: &'a mut Convergence,
 }
 
 impl Sender<'_> {
@@ -219,9 +255,33 @@ impl Sender<'_> {
             .take_dirty()
             .map_err(|e| End::Failed(format!("syncing the dirty log: {e}")))?;
         let found = dirty.count();
-        self.batch.add(&dirty);
+        let fresh = self.batch.add(&dirty);
         self.out.end_of_pass(self.iteration.pass as u32)?;
         let now = Instant::now();
+        let params = shared.lock().params;
+        self.dirty_in_period += found;
+        self.fresh_in_period += fresh;
+        // QEMU's period: at least a second. Its end is when the trigger is looked at.
+        let period = now - self.sync_period_start;
+        let period_ended = period >= Duration::from_secs(1);
+        if period_ended {
+            let sent = self.out.bytes();
+            self.convergence.period_ended(
+                self.machine,
+                &params,
+                Period {
+                    bytes_dirty: self.dirty_in_period * PAGE_SIZE,
+                    bytes_sent: sent - self.sent_at_period_start,
+                },
+            );
+            self.fresh_rate = (self.fresh_in_period * PAGE_SIZE) as f64 / period.as_secs_f64();
+        }
+        self.convergence.synced(
+            self.machine,
+            &params,
+            self.batch.remaining * PAGE_SIZE,
+            self.smoothed_bandwidth,
+        );
         let mut state = shared.lock();
         self.finish_pass(&mut state, now);
         self.iteration = Iteration {
@@ -231,15 +291,14 @@ impl Sender<'_> {
             ..Iteration::default()
         };
         self.pass_start = now;
-        self.dirty_in_period += found;
         let ram = &mut state.info.ram;
         ram.dirty_sync_count += 1;
-        // QEMU's dirty-pages-rate: over periods of at least a second.
-        let period = now - self.sync_period_start;
-        if period >= Duration::from_secs(1) {
+        if period_ended {
             ram.dirty_pages_rate = (self.dirty_in_period as f64 / period.as_secs_f64()) as u64;
             self.sync_period_start = now;
             self.dirty_in_period = 0;
+            self.fresh_in_period = 0;
+            self.sent_at_period_start = self.out.bytes();
         }
         if state.caps.events {
             let pass = state.info.ram.dirty_sync_count;
@@ -264,6 +323,12 @@ impl Sender<'_> {
         let bytes = self.out.bytes() - self.window_bytes;
         let pages = self.sent() - self.window_pages;
         self.bandwidth = bytes as f64 / spent_ms.max(1e-3);
+        let per_second = self.bandwidth * 1000.0;
+        self.smoothed_bandwidth = if self.smoothed_bandwidth == 0.0 {
+            per_second
+        } else {
+            self.smoothed_bandwidth + BANDWIDTH_SMOOTHING * (per_second - self.smoothed_bandwidth)
+        };
         let params = state.params;
         let planned = match params.avail_switchover_bandwidth {
             0 => self.bandwidth,
@@ -277,6 +342,17 @@ impl Sender<'_> {
             state.info.expected_downtime_ms =
                 (self.batch.remaining as f64 * PAGE_SIZE as f64 / planned) as u64;
         }
+        let dirty_rate = self
+            .convergence
+            .planned_dirty_rate()
+            .unwrap_or(self.fresh_rate);
+        state.info.expected_completion_ms = converge::forecast_ms(
+            self.batch.remaining * PAGE_SIZE,
+            self.smoothed_bandwidth,
+            dirty_rate,
+            params.downtime_limit_ms,
+        );
+        state.info.aids = self.convergence.view(self.machine);
         self.publish(state);
         self.window_start = now;
         self.window_bytes = self.out.bytes();
@@ -295,12 +371,8 @@ impl Sender<'_> {
     }
 }
 
-fn migrate(
-    shared: &SharedState,
-    job: &Job,
-    cancel: &AtomicBool,
-    paused: &mut bool,
-) -> Result<(), End> {
+fn migrate(out: &mut Outgoing<'_>, job: &Job) -> Result<(), End> {
+    let (shared, cancel) = (out.shared, out.cancel);
     let machine = &*job.machine;
     let began = Instant::now();
     let conn = job.uri.connect(CONNECT_TIMEOUT).map_err(End::from)?;
@@ -315,7 +387,7 @@ fn migrate(
         return Err(End::Cancelled);
     }
     stream::read_hello(&mut answers).map_err(|e| End::Failed(e.to_string()))?;
-    match send_guest(shared, machine, &conn, &mut answers, cancel, paused, began) {
+    match send_guest(out, machine, &conn, &mut answers, began) {
         // A destination that refused the stream stops reading it: the write fails first,
         // and its answer says why.
         Err(End::Failed(why)) => Err(End::Failed(refusal(&mut answers).unwrap_or(why))),
@@ -336,14 +408,13 @@ fn refusal(answers: &mut super::Connection) -> Option<String> {
 
 /// The stream after the hello: the passes, the switchover, the verdict.
 fn send_guest(
-    shared: &SharedState,
+    outgoing: &mut Outgoing<'_>,
     machine: &Machine,
     conn: &super::Connection,
     answers: &mut super::Connection,
-    cancel: &AtomicBool,
-    paused: &mut bool,
     began: Instant,
 ) -> Result<(), End> {
+    let (shared, cancel) = (outgoing.shared, outgoing.cancel);
     let aborted = || {
         // Relaxed: as in `Sender::send`.
         cancel.load(Ordering::Relaxed)
@@ -375,9 +446,14 @@ fn send_guest(
         window_pages: 0,
         threshold: 0,
         bandwidth: 0.0,
+        smoothed_bandwidth: 0.0,
         sync_period_start: now,
         dirty_in_period: 0,
+        fresh_in_period: 0,
+        sent_at_period_start: 0,
+        fresh_rate: 0.0,
         precopy_bytes: 0,
+        convergence: &mut outgoing.convergence,
     };
     {
         let mut state = shared.lock();
@@ -429,8 +505,8 @@ fn send_guest(
         let mut state = shared.lock();
         state.info.finishing = true;
         state.info.switchover_at = Some(downtime_start);
-        *paused = machine.running();
-        if *paused {
+        outgoing.paused = machine.running();
+        if outgoing.paused {
             state.event(MigrationEvent::Stop);
         }
     }

@@ -36,6 +36,9 @@ pub struct Parameters {
     pub vcpu_dirty_limit_period_ms: u64,
     /// `vcpu-dirty-limit`: the per-vCPU limit a dirty-limit migration sets, MB/s.
     pub vcpu_dirty_limit: u64,
+    /// `x-vcpu-dirty-limit-auto` (dirtyvm's): a dirty-limit migration chooses and adjusts
+    /// each vCPU's limit itself instead of applying `vcpu-dirty-limit` (see `converge`).
+    pub vcpu_dirty_limit_auto: bool,
 }
 
 impl Default for Parameters {
@@ -51,6 +54,7 @@ impl Default for Parameters {
             max_cpu_throttle: 99,
             vcpu_dirty_limit_period_ms: 1000,
             vcpu_dirty_limit: 1,
+            vcpu_dirty_limit_auto: false,
         }
     }
 }

@@ -97,6 +97,19 @@ pub(super) fn info(info: &MigrationInfo) -> Value {
                 reply.insert("total-time".into(), info.total_time_ms.into());
                 reply.insert("expected-downtime".into(), info.expected_downtime_ms.into());
                 reply.insert("ram".into(), ram(&info.ram));
+                if let Some(percent) = info.aids.cpu_throttle_percentage {
+                    reply.insert("cpu-throttle-percentage".into(), percent.into());
+                }
+                if let Some((per_round, ring_full)) = info.aids.dirty_limit_times {
+                    reply.insert(
+                        "dirty-limit-throttle-time-per-round".into(),
+                        per_round.into(),
+                    );
+                    reply.insert("dirty-limit-ring-full-time".into(), ring_full.into());
+                }
+                if let Some(ms) = info.expected_completion_ms {
+                    reply.insert("x-expected-completion-ms".into(), ms.into());
+                }
             }
             MigrationStatus::Completed => {
                 reply.insert("setup-time".into(), info.setup_time_ms.into());
@@ -187,6 +200,7 @@ pub(super) fn parameters(p: &Parameters) -> Value {
         "x-vcpu-dirty-limit-period": p.vcpu_dirty_limit_period_ms,
         "vcpu-dirty-limit": p.vcpu_dirty_limit,
         "mode": "normal",
+        "x-vcpu-dirty-limit-auto": p.vcpu_dirty_limit_auto,
     })
 }
 
@@ -203,6 +217,7 @@ pub(super) fn set_parameters(mut args: Args<'_>, backend: &dyn Backend) -> Resul
     let max_throttle = args.optional("max-cpu-throttle", uint8)?;
     let period = args.optional("x-vcpu-dirty-limit-period", uint64)?;
     let limit = args.optional("vcpu-dirty-limit", uint64)?;
+    let auto = args.optional("x-vcpu-dirty-limit-auto", boolean)?;
     args.finish()?;
     backend
         .migration()
@@ -222,6 +237,7 @@ pub(super) fn set_parameters(mut args: Args<'_>, backend: &dyn Backend) -> Resul
             set(max_throttle, &mut p.max_cpu_throttle);
             set(period, &mut p.vcpu_dirty_limit_period_ms);
             set(limit, &mut p.vcpu_dirty_limit);
+            set(auto, &mut p.vcpu_dirty_limit_auto);
         })
         .map_err(|e| QmpError::generic(e.0))?;
     Ok(json!({}))

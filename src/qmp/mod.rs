@@ -63,6 +63,16 @@
 //!   `ram.transferred` counts every byte of the stream, as 8.2 does.
 //! - A listening destination's `socket-address` has `type`, `host` and `port` (a string, as
 //!   QEMU's), without QEMU's `ipv4`/`ipv6` flags.
+//! - dirtyvm's own: the parameter `x-vcpu-dirty-limit-auto` (a dirty-limit migration sets the
+//!   limits itself) and `query-migrate`'s `x-expected-completion-ms` (the forecast time to
+//!   completion, while active, when the migration converges).
+//! - With the quota controller, `dirty-limit-throttle-time-per-round` is the most penalty
+//!   time a limited vCPU served in the last second (the controller has no per-ring-full
+//!   sleep), and `dirty-limit-ring-full-time` the time a ring takes to fill at the running
+//!   vCPUs' mean rate now; with the reference algorithm both are QEMU's.
+//! - `migrate_cancel` lifts the limits a dirty-limit migration set (QEMU's call to do so is
+//!   refused by its own check while the migration runs); completion and failure leave them,
+//!   as in QEMU. The self-set limits go however the migration ends.
 
 mod commands;
 mod json;

@@ -181,6 +181,13 @@ impl Backend for MachineBackend {
             return Err(QmpError::generic(LimitError::NeedsRing.to_string()));
         }
         let limiter = self.machine()?.limiter();
+        // QEMU's `dirtylimit_is_allowed()`: not while a dirty-limit migration has limits in
+        // force.
+        if self.migration.holds_dirty_limits() && !limiter.limits().is_empty() {
+            return Err(QmpError::generic(
+                "can't set dirty page rate limit while migration is running",
+            ));
+        }
         let result = if dirty_rate == 0 {
             limiter.cancel(cpu_index)
         } else {
@@ -194,8 +201,13 @@ impl Backend for MachineBackend {
         if self.dirty_log != DirtyLog::Ring {
             return Ok(());
         }
-        self.machine()?
-            .limiter()
+        let limiter = self.machine()?.limiter();
+        if self.migration.holds_dirty_limits() && !limiter.limits().is_empty() {
+            return Err(QmpError::generic(
+                "can't cancel dirty page rate limit while migration is running",
+            ));
+        }
+        limiter
             .cancel(cpu_index)
             .map_err(|e| QmpError::generic(e.to_string()))
     }

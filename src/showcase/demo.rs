@@ -1,7 +1,9 @@
 //! `dirtyvm demo`: the showcase. A writer and a reader vCPU; the writer's dirty rate measured
 //! in every mode beside the ground truth; a dirty limit set and the writer converging to it
 //! while the reader keeps its speed; auto-converge for comparison, and what it costs the
-//! reader; the tracker's and reaper's statistics; a table and a picture.
+//! reader; the same guest live-migrated to a second dirtyvm process over a capped link, under
+//! auto-converge and under the self-setting dirty limit; the tracker's and reaper's
+//! statistics; a table and a picture.
 
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -9,11 +11,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::limit::LimitAlgo;
+use crate::migration::Parameters;
 use crate::rate::{Measurement, RateMode, RateRequest};
+use crate::showcase::migration::{converge, Aid, ConvergenceCase, ConvergenceRow, Destination};
 use crate::showcase::plot::{Chart, Panel, Phase, Series};
 use crate::showcase::scenario::boot_warm;
-use crate::tracking::DirtyLog;
-use crate::tracking::ReaperStats;
+use crate::tracking::{Cadence, DirtyLog, ReaperStats};
 use crate::units::pages_to_mibps;
 use crate::vm::guest::{GuestStats, Size, Workload};
 use crate::vmm::{Machine, VmConfig, VmmError};
@@ -73,6 +76,8 @@ pub struct DemoSummary {
     pub ring_overflows: u64,
     /// Pages harvested in all.
     pub harvested_pages: u64,
+    /// The migrations: under auto-converge, under the self-setting dirty limit.
+    pub migrations: Vec<ConvergenceRow>,
     /// The timeline.
     pub timeline: Vec<DemoPoint>,
 }
@@ -84,6 +89,10 @@ struct Recorder {
 }
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// The demo's migration link: 128 MiB/s, a 1 GbE link.
+const DEMO_BANDWIDTH: u64 = 128 << 20;
+/// A demo migration is cancelled after this long.
+const MIGRATION_BOUND: Duration = Duration::from_secs(25);
 const WINDOW: usize = 10;
 
 impl Recorder {
@@ -271,7 +280,7 @@ pub fn run(options: &DemoOptions) -> Result<(DemoSummary, String), VmmError> {
 
     say!("\n4. The same writer in a guest tracked by the dirty bitmap instead:");
     let bitmap_config =
-        VmConfig::new(2, options.memory, workloads).with_dirty_log(DirtyLog::Bitmap);
+        VmConfig::new(2, options.memory, workloads.clone()).with_dirty_log(DirtyLog::Bitmap);
     let bitmap = boot_warm(&bitmap_config)?;
     still_running(&bitmap)?;
     if start_measuring(&bitmap, RateMode::DirtyBitmap) {
@@ -281,6 +290,55 @@ pub fn run(options: &DemoOptions) -> Result<(DemoSummary, String), VmmError> {
         }
     }
     bitmap.shutdown()?;
+
+    say!(
+        "\n5. Live migration to a second dirtyvm process (dirtyvm run --incoming), over a \
+         {} MiB/s link (max-bandwidth), downtime limit 300 ms:",
+        DEMO_BANDWIDTH >> 20
+    );
+    let binary = std::env::current_exe()
+        .map_err(|e| VmmError::BadConfig(format!("finding the dirtyvm binary: {e}")))?;
+    let mut migrations = Vec::new();
+    let mut phases = Vec::new();
+    for aid in [Aid::AutoConverge, Aid::AutoLimit] {
+        let case = ConvergenceCase {
+            aid,
+            writer: workloads[0].to_string(),
+            reader: workloads[1].to_string(),
+            memory: options.memory,
+            dirty_log: DirtyLog::Ring,
+            reaper: Cadence::Adaptive,
+            params: Parameters {
+                max_bandwidth: DEMO_BANDWIDTH,
+                ..Parameters::default()
+            },
+            bound: MIGRATION_BOUND,
+            destination: Destination::Process(binary.clone()),
+        };
+        let (row, samples) = converge(&case)?;
+        say!("  {}", migration_line(&row));
+        // The migration's samples continue the timeline, a second after the last point.
+        let base = rec.points.last().map_or(0.0, |p| p.t_s) + 1.0;
+        rec.points.extend(samples.iter().map(|s| DemoPoint {
+            t_s: base + s.t_s,
+            writer_mibps: s.writer_mibps,
+            harvested_mibps: s.writer_mibps,
+            reader_mibps: s.reader_mibps,
+            limit_mibps: s.limit_mibps,
+            throttle_pct: s.throttle_pct,
+        }));
+        phases.push(Phase {
+            from: base,
+            to: base + row.total_s,
+            label: format!("migration, {}", row.aid),
+            color: if aid == Aid::AutoConverge {
+                "#f3d9c6"
+            } else {
+                "#cfe8cf"
+            },
+        });
+        migrations.push(row);
+    }
 
     let summary = DemoSummary {
         measurements,
@@ -293,22 +351,27 @@ pub fn run(options: &DemoOptions) -> Result<(DemoSummary, String), VmmError> {
         ring_full_exits,
         ring_overflows: tracker.ring_overflows(),
         harvested_pages: tracker.harvested(),
+        migrations,
         timeline: rec.points.clone(),
     };
-    let phases = vec![
-        Phase {
-            from: limit_from,
-            to: limit_until,
-            label: format!("dirty limit {:.0} MiB/s", options.limit_mibps),
-            color: "#cfe8cf",
-        },
-        Phase {
-            from: throttle_from,
-            to: throttle_until,
-            label: "auto-converge".into(),
-            color: "#f3d9c6",
-        },
-    ];
+    let phases = [
+        vec![
+            Phase {
+                from: limit_from,
+                to: limit_until,
+                label: format!("dirty limit {:.0} MiB/s", options.limit_mibps),
+                color: "#cfe8cf",
+            },
+            Phase {
+                from: throttle_from,
+                to: throttle_until,
+                label: "auto-converge".into(),
+                color: "#f3d9c6",
+            },
+        ],
+        phases,
+    ]
+    .concat();
     let picture = chart(&summary, phases).to_svg();
     Ok((summary, picture))
 }
@@ -389,4 +452,29 @@ pub fn print_summary(s: &DemoSummary, limit: f64) {
         s.ring_full_exits,
         s.ring_overflows
     );
+    for row in &s.migrations {
+        say!("  migration: {}", migration_line(row));
+    }
+}
+
+/// One migration of the demo, in a line.
+fn migration_line(row: &ConvergenceRow) -> String {
+    let outcome = if row.converged {
+        format!("completed in {:.1} s", row.total_s)
+    } else {
+        format!("not converged in {:.0} s", row.total_s)
+    };
+    let held = match (row.max_throttle, row.min_limit_mibps) {
+        (0, Some(limit)) => format!(", writer held to {limit:.1} MiB/s"),
+        (0, None) => String::new(),
+        (pct, _) => format!(", throttle up to {pct} %"),
+    };
+    format!(
+        "{:<24} {outcome}{held}{}; writer kept {:.0} %, reader {:.0} % of their speed",
+        row.aid,
+        row.downtime_ms
+            .map_or_else(String::new, |d| format!(", downtime {d:.0} ms")),
+        row.writer_share * 100.0,
+        row.reader_share * 100.0
+    )
 }

@@ -3,7 +3,9 @@
 //!
 //! # The adaptive cadence
 //!
-//! The reference design reaps once a second, which a full-speed writer outruns: on this
+//! (`--reaper levels` is the seed patch's design, [`Levels`], kept to reproduce its
+//! comparison; `fixed:1000` is QEMU's.) The reference design reaps once a second, which a
+//! full-speed writer outruns: on this
 //! host a 65536-entry ring fills in under half a second, and a ring that fills overflows and
 //! loses pages (docs/host.md#late-ring-full-exits-overflows-and-wedged-rings). The published adaptive designs step through fixed levels
 //! (Chongyun Wu's six buckets) or nudge the delay (Peter Xu's `/2` above 80 % fill, `+20 ms`
@@ -53,22 +55,26 @@ pub enum Cadence {
     Adaptive,
     /// Every this long.
     Fixed(Duration),
+    /// Chongyun Wu's six run levels (the module docs).
+    Levels,
 }
 
 impl FromStr for Cadence {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Cadence, String> {
-        if text == "adaptive" {
-            return Ok(Cadence::Adaptive);
+        match text {
+            "adaptive" => return Ok(Cadence::Adaptive),
+            "levels" => return Ok(Cadence::Levels),
+            _ => {}
         }
         match text.strip_prefix("fixed:").map(str::parse::<u64>) {
             Some(Ok(ms)) if (1..=60_000).contains(&ms) => {
                 Ok(Cadence::Fixed(Duration::from_millis(ms)))
             }
             _ => Err(format!(
-                "reaper '{text}' is not 'adaptive' or 'fixed:MS' with MS from 1 to 60000 \
-                 (fixed:1000 is the reference design)"
+                "reaper '{text}' is not 'adaptive', 'levels' or 'fixed:MS' with MS from 1 to \
+                 60000 (fixed:1000 is the reference design)"
             )),
         }
     }
@@ -79,6 +85,7 @@ impl fmt::Display for Cadence {
         match self {
             Cadence::Adaptive => f.write_str("adaptive"),
             Cadence::Fixed(d) => write!(f, "fixed:{}", d.as_millis()),
+            Cadence::Levels => f.write_str("levels"),
         }
     }
 }
@@ -109,6 +116,7 @@ struct State {
     /// `None` until the thread has asked for `SCHED_FIFO`.
     policy: Option<Policy>,
     adaptive: Adaptive,
+    levels: Levels,
     /// A reap failed: the VM is stopping and the reaper with it.
     failed: bool,
 }
@@ -142,6 +150,7 @@ impl Reaper {
         let interval = match cadence {
             Cadence::Adaptive => MIN_INTERVAL,
             Cadence::Fixed(d) => d,
+            Cadence::Levels => LEVEL_SLEEPS[0],
         };
         let state = State {
             interval,
@@ -151,6 +160,7 @@ impl Reaper {
             flushes_done: 0,
             policy: None,
             adaptive: Adaptive::default(),
+            levels: Levels::default(),
             failed: false,
         };
         let worker = Worker::new("reaper", state, move |shared, guard| {
@@ -240,12 +250,16 @@ fn reap<'a>(
     if let Some(ticket) = flush {
         state.flushes_done = ticket;
     }
-    if cadence == Cadence::Adaptive {
-        let entries = tracker.ring_entries();
-        let interval = state.interval;
-        state.interval = state
-            .adaptive
-            .next(interval, now, &produced, entries, ring_full);
+    let entries = tracker.ring_entries();
+    match cadence {
+        Cadence::Adaptive => {
+            let interval = state.interval;
+            state.interval = state
+                .adaptive
+                .next(interval, now, &produced, entries, ring_full);
+        }
+        Cadence::Levels => state.interval = state.levels.next(&produced, entries, ring_full),
+        Cadence::Fixed(_) => {}
     }
     shared.notify();
     state
@@ -296,6 +310,79 @@ impl Adaptive {
     }
 }
 
+/// The seed patch's sleeps, by run level (NORMAL, FAST1 to FAST4, MAX_SPEED).
+const LEVEL_SLEEPS: [Duration; 6] = [
+    Duration::from_millis(1000),
+    Duration::from_millis(500),
+    Duration::from_millis(250),
+    Duration::from_millis(125),
+    Duration::from_millis(100),
+    Duration::from_millis(80),
+];
+/// The ring fill each level above NORMAL stands for (`ratio_adjust_threshold`).
+const LEVEL_STEP: f64 = 0.1;
+/// Reaps wanting a lower level before the reaper slows down a level
+/// (`stable_count_threshold`).
+const STABLE_COUNT: u32 = 5;
+
+/// Chongyun Wu's adaptive reaper ("kvm: Dynamically adjust the rate of dirty ring reaper
+/// thread", QEMU mailing list, 2022-03; docs/reference.md#adaptive-reaper-proposals), as
+/// written: six run levels, sleeping 1 s, 500, 250, 125, 100 and 80 ms. After each reap,
+/// `ratio` = entries reaped (all vCPUs) / ring size; the level wanted is `ratio / 0.1`, at
+/// most the last. A ring-full exit since the previous reap raises the level by one at once;
+/// a level wanted higher is taken at once; one wanted lower is taken, one level down, only
+/// after more than five reaps in a row wanted lower. (The posted code increments the
+/// pointer to that counter instead of the counter, so it would never slow down; the counter
+/// is meant, and counted here.)
+#[derive(Debug, Default)]
+struct Levels {
+    level: usize,
+    speed_down: u32,
+    /// Each vCPU's entries produced at the previous reap, and the ring-full exits then.
+    last: Option<(Vec<u64>, u64)>,
+}
+
+impl Levels {
+    /// The sleep after a reap, given each vCPU's entries produced so far, the ring size
+    /// (`None` with the bitmap: the level stays NORMAL) and the ring-full exits so far.
+    fn next(&mut self, produced: &[u64], entries: Option<u32>, ring_full: u64) -> Duration {
+        let (reaped, full_since) = match &self.last {
+            Some((before, full_before)) => (
+                produced
+                    .iter()
+                    .zip(before)
+                    .map(|(now, then)| now.saturating_sub(*then))
+                    .sum::<u64>(),
+                ring_full > *full_before,
+            ),
+            None => (0, false),
+        };
+        self.last = Some((produced.to_vec(), ring_full));
+        let last = LEVEL_SLEEPS.len() - 1;
+        let Some(entries) = entries.filter(|&e| e > 0) else {
+            return LEVEL_SLEEPS[self.level];
+        };
+        let ratio = reaped as f64 / f64::from(entries);
+        let wanted = ((ratio / LEVEL_STEP) as usize).min(last);
+        if full_since {
+            self.level = (self.level + 1).min(last);
+            self.speed_down = 0;
+        } else if wanted > self.level {
+            self.level = wanted;
+            self.speed_down = 0;
+        } else if wanted < self.level {
+            self.speed_down += 1;
+            if self.speed_down > STABLE_COUNT {
+                self.level -= 1;
+                self.speed_down = 0;
+            }
+        } else {
+            self.speed_down = 0;
+        }
+        LEVEL_SLEEPS[self.level]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +390,8 @@ mod tests {
     #[test]
     fn cadence_parses() {
         assert_eq!("adaptive".parse(), Ok(Cadence::Adaptive));
+        assert_eq!("levels".parse(), Ok(Cadence::Levels));
+        assert_eq!(Cadence::Levels.to_string(), "levels");
         assert_eq!(
             "fixed:1000".parse(),
             Ok(Cadence::Fixed(Duration::from_secs(1)))
@@ -311,6 +400,38 @@ mod tests {
             let err = bad.parse::<Cadence>().unwrap_err();
             assert!(err.contains(&format!("'{bad}'")), "{err}");
         }
+    }
+
+    #[test]
+    fn levels_follow_the_seed_patch() {
+        let ms = |d: Duration| d.as_millis();
+        let mut levels = Levels::default();
+        let entries = Some(1000);
+        // The first reap has nothing to compare with: NORMAL.
+        assert_eq!(ms(levels.next(&[0, 0], entries, 0)), 1000);
+        // 350 entries reaped of a 1000-entry ring (two vCPUs together): ratio 0.35, FAST3.
+        assert_eq!(ms(levels.next(&[200, 150], entries, 0)), 125);
+        // A ring-full exit: one level up at once, whatever the ratio.
+        assert_eq!(ms(levels.next(&[200, 150], entries, 1)), 100);
+        // Above 0.5: MAX_SPEED, not beyond.
+        assert_eq!(ms(levels.next(&[900, 150], entries, 1)), 80);
+        assert_eq!(ms(levels.next(&[900, 150], entries, 2)), 80);
+        // Idle: five reaps wanting lower change nothing; the sixth goes one level down.
+        for _ in 0..5 {
+            assert_eq!(ms(levels.next(&[900, 150], entries, 2)), 80);
+        }
+        assert_eq!(ms(levels.next(&[900, 150], entries, 2)), 100);
+        // A reap at the level wanted restarts the count.
+        for _ in 0..3 {
+            levels.next(&[900, 150], entries, 2);
+        }
+        assert_eq!(ms(levels.next(&[1300, 150], entries, 2)), 100);
+        for _ in 0..5 {
+            assert_eq!(ms(levels.next(&[1300, 150], entries, 2)), 100);
+        }
+        assert_eq!(ms(levels.next(&[1300, 150], entries, 2)), 125);
+        // The bitmap has no ring: the level holds.
+        assert_eq!(ms(Levels::default().next(&[5000], None, 0)), 1000);
     }
 
     #[test]

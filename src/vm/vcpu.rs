@@ -402,8 +402,12 @@ fn run_loop(
         }
         control.serve_penalty();
         if control.paused() {
-            // A kick (resume, stop) unparks; a spurious wakeup just loops.
-            thread::park();
+            // A kick (resume, stop) unparks; a spurious wakeup just loops. The stop is looked
+            // at again first: the penalty sleep just served may have taken the unpark that
+            // came with it, and this park would then wait forever.
+            if !control.stop_requested() {
+                thread::park();
+            }
             continue;
         }
         // Release: pairs with the Acquire load in `in_guest`.
