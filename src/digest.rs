@@ -32,19 +32,23 @@ fn merge(acc: u64, lane: u64) -> u64 {
     (acc ^ round(0, lane)).wrapping_mul(P1).wrapping_add(P4)
 }
 
-/// XXH64 with `seed` over `words` (little-endian u64s; `len` of them).
-fn xxh64(seed: u64, len: usize, mut words: impl Iterator<Item = u64>) -> u64 {
-    let mut h = if len >= 4 {
+/// XXH64 with `seed` over `words` (the little-endian u64s of the input), four lanes at a
+/// time: a slice, so the lanes run side by side.
+fn xxh64(seed: u64, words: &[u64]) -> u64 {
+    let stripes = words.chunks_exact(4);
+    let tail = stripes.remainder();
+    let mut h = if words.len() >= 4 {
         let mut v = [
             seed.wrapping_add(P1).wrapping_add(P2),
             seed.wrapping_add(P2),
             seed,
             seed.wrapping_sub(P1),
         ];
-        for _ in 0..len / 4 {
-            for lane in &mut v {
-                *lane = round(*lane, words.next().unwrap_or(0));
-            }
+        for stripe in stripes {
+            v[0] = round(v[0], stripe[0]);
+            v[1] = round(v[1], stripe[1]);
+            v[2] = round(v[2], stripe[2]);
+            v[3] = round(v[3], stripe[3]);
         }
         let h = v[0]
             .rotate_left(1)
@@ -55,9 +59,9 @@ fn xxh64(seed: u64, len: usize, mut words: impl Iterator<Item = u64>) -> u64 {
     } else {
         seed.wrapping_add(P5)
     };
-    h = h.wrapping_add(len as u64 * 8);
-    for _ in 0..len % 4 {
-        h ^= round(0, words.next().unwrap_or(0));
+    h = h.wrapping_add(words.len() as u64 * 8);
+    for &word in tail {
+        h ^= round(0, word);
         h = h.rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
     }
     h ^= h >> 33;
@@ -68,34 +72,33 @@ fn xxh64(seed: u64, len: usize, mut words: impl Iterator<Item = u64>) -> u64 {
 }
 
 /// The hash of one page given as its 512 words.
-pub fn page_hash(words: impl Iterator<Item = u64>) -> u64 {
-    xxh64(1, PAGE_WORDS, words)
+pub fn page_hash(words: &[u64; PAGE_WORDS]) -> u64 {
+    xxh64(1, words)
 }
 
 /// The hash of a page of zeros.
 pub fn zero_page_hash() -> u64 {
     static ZERO: OnceLock<u64> = OnceLock::new();
-    *ZERO.get_or_init(|| page_hash(std::iter::repeat_n(0, PAGE_WORDS)))
+    *ZERO.get_or_init(|| page_hash(&[0; PAGE_WORDS]))
 }
 
 /// The hash of one page of memory the guest may be writing, read word by word; a page of
 /// zeros costs a scan, not a hash.
 pub fn page_hash_of(page: &[AtomicU64]) -> u64 {
-    // Relaxed: a torn view of a page under concurrent writes hashes as what was read.
-    let load = |w: &AtomicU64| w.load(Ordering::Relaxed);
-    if page.iter().all(|w| load(w) == 0) {
+    let mut words = [0u64; PAGE_WORDS];
+    for (word, w) in words.iter_mut().zip(page) {
+        // Relaxed: a torn view of a page under concurrent writes hashes as what was read.
+        *word = w.load(Ordering::Relaxed);
+    }
+    if words.iter().all(|&w| w == 0) {
         return zero_page_hash();
     }
-    page_hash(page.iter().map(load))
+    page_hash(&words)
 }
 
 /// The digest of a RAM whose page hashes, in page order, are `page_hashes`.
 pub fn fold(page_hashes: &[u64]) -> u64 {
-    xxh64(
-        page_hashes.len() as u64,
-        page_hashes.len(),
-        page_hashes.iter().copied(),
-    )
+    xxh64(page_hashes.len() as u64, page_hashes)
 }
 
 /// The digest of all of `ram` (its words, a whole number of pages), hashed on `threads`
@@ -123,23 +126,29 @@ pub fn ram_digest(ram: &[AtomicU64], threads: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    fn words(bytes: &[u8]) -> Vec<u64> {
         bytes
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn page(bytes: &[u8]) -> [u64; PAGE_WORDS] {
+        words(bytes).try_into().unwrap()
     }
 
     #[test]
     fn xxh64_matches_the_reference_implementation() {
         // Values from the python-xxhash package: xxh64(data, seed).
+        let page_of = page;
         let page: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
-        assert_eq!(page_hash(words(&page)), 0x2215_4cb5_a9b7_bbef);
-        assert_eq!(page_hash(words(&[0; 4096])), 0x82da_6c10_8266_bfde);
+        assert_eq!(page_hash(&page_of(&page)), 0x2215_4cb5_a9b7_bbef);
+        assert_eq!(page_hash(&page_of(&[0; 4096])), 0x82da_6c10_8266_bfde);
         assert_eq!(zero_page_hash(), 0x82da_6c10_8266_bfde);
         // Lengths that are not whole stripes: xxh64(bytes(0..40), seed=3) and of 16 bytes.
         let forty: Vec<u8> = (0..40).collect();
-        assert_eq!(xxh64(3, 5, words(&forty)), 0x779e_2e37_6ac9_fe05);
-        assert_eq!(xxh64(3, 2, words(&forty[..16])), 0xaaf0_4291_a1bf_644f);
+        assert_eq!(xxh64(3, &words(&forty)), 0x779e_2e37_6ac9_fe05);
+        assert_eq!(xxh64(3, &words(&forty[..16])), 0xaaf0_4291_a1bf_644f);
     }
 
     #[test]

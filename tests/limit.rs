@@ -1,5 +1,6 @@
-//! The dirty limit and the auto-converge throttle on real KVM: qualitative behaviour with
-//! generous bounds (the precise numbers are the benchmarks' business).
+//! The dirty limit and the auto-converge throttle on real KVM, judged by the guests' own
+//! counters within bounds set from the noise measured (each test says how); the finer
+//! numbers are the benchmarks'.
 
 mod common;
 

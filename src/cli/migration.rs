@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::plan::{IncomingPlan, RunPlan};
 use super::report::MigrationReport;
-use super::run::{IncomingPlan, RunPlan};
 use super::{Failure, Incoming};
 use crate::migration::{self, Migration, MigrationInfo, MigrationStatus, Received, Role};
 use crate::qmp::MachineBackend;

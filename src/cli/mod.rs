@@ -4,11 +4,12 @@
 
 mod migration;
 pub mod output;
+mod plan;
 mod probe;
 pub mod report;
 mod run;
 
-pub use run::RunPlan;
+pub use plan::RunPlan;
 
 use std::path::PathBuf;
 use std::time::Duration;

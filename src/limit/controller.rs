@@ -773,6 +773,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn no_number_a_strategy_computes_panics_the_sleep() {
+        assert_eq!(seconds_to_duration(0.25), Duration::from_millis(250));
+        assert_eq!(seconds_to_duration(-1.0), Duration::ZERO);
+        assert_eq!(seconds_to_duration(f64::NAN), Duration::ZERO);
+        assert_eq!(seconds_to_duration(f64::NEG_INFINITY), Duration::ZERO);
+        // 1e20 s would overflow a Duration (and panic `from_secs_f64`): the longest sleep.
+        assert_eq!(seconds_to_duration(1e20), MAX_SLEEP);
+        assert_eq!(seconds_to_duration(f64::INFINITY), MAX_SLEEP);
+        assert_eq!(seconds_to_duration(3600.0), MAX_SLEEP);
+    }
+
+    #[test]
     fn the_series_stays_bounded_and_spans_the_run() {
         // 1024 limited vCPUs recorded every 250 ms for an hour, with the thinning the
         // controller does.

@@ -268,14 +268,15 @@ impl Image {
             match record {
                 Record::Page { page, data } => {
                     let words = &ram.words()[page as usize * PAGE_WORDS..][..PAGE_WORDS];
-                    let values = data
-                        .chunks_exact(8)
-                        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
-                    for (word, value) in words.iter().zip(values.clone()) {
+                    let mut values = [0u64; PAGE_WORDS];
+                    for ((word, value), bytes) in
+                        words.iter().zip(&mut values).zip(data.chunks_exact(8))
+                    {
+                        *value = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
                         // Relaxed: no vCPU runs on this memory yet; booting orders it.
-                        word.store(value, Ordering::Relaxed);
+                        word.store(*value, Ordering::Relaxed);
                     }
-                    hashes[page as usize] = digest::page_hash(values);
+                    hashes[page as usize] = digest::page_hash(&values);
                     filled[page as usize / 64] |= 1 << (page % 64);
                     normal += 1;
                     iteration.pages_sent += 1;

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::commands::{invalid_type, uint64, Args};
+use super::args::{invalid_type, uint64, Args};
 use super::{Backend, QmpError};
 use crate::migration::{
     Capabilities, MigrationInfo, MigrationStatus, MigrationUri, Parameters, RamStats, Role,

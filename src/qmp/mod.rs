@@ -74,6 +74,7 @@
 //!   refused by its own check while the migration runs); completion and failure leave them,
 //!   as in QEMU. The self-set limits go however the migration ends.
 
+mod args;
 mod commands;
 mod json;
 mod migration;

@@ -1256,6 +1256,36 @@ fn socket_serves_one_client_after_another() {
     assert!(!path.exists(), "stop removes the socket file");
 }
 
+/// A client that sends requests and never reads the replies is dropped once a write has
+/// waited [`super::server`]'s write timeout, and the next client is served.
+#[test]
+fn a_client_that_never_reads_is_dropped() {
+    let path = socket_path("never-reads");
+    let server = Server::spawn(&path, Arc::new(MockBackend::new(2, true))).unwrap();
+    let mut stuck = Client::greeted(&path);
+    stuck.send("{\"execute\":\"qmp_capabilities\"}\n");
+    // Requests until the socket's buffers are full both ways; the server's replies then wait
+    // on this client, which never reads them.
+    stuck
+        .writer
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let request = "{\"execute\":\"query-cpus-fast\"}\n".repeat(1000);
+    let started = Instant::now();
+    while stuck.writer.write_all(request.as_bytes()).is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the server kept reading a client that never reads its replies"
+        );
+    }
+    // Dropped: the next client gets its greeting.
+    let mut next = Client::greeted(&path);
+    next.send("{\"execute\":\"qmp_capabilities\"}\n");
+    assert_eq!(next.line(), Some(json!({"return": {}})));
+    drop(stuck);
+    server.shut_down();
+}
+
 #[test]
 fn socket_survives_a_2_mib_garbage_line() {
     let path = socket_path("garbage");

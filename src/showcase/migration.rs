@@ -656,6 +656,12 @@ pub fn converge(
         (true, _, Ok(None)) => info.downtime_ms.map(|ms| ms as f64),
         _ => None,
     };
+    if let Some(reason) = source.stop_request().reason() {
+        let _ = source.shutdown();
+        return Err(failed(format!(
+            "the source VM stopped during the run: {reason}"
+        )));
+    }
     let ring_full = ring_full_exits(&source) - ring_full_before;
     let penalty = |id| source.limiter().penalty(id).ms_total;
     let penalty_ms = (penalty(0), penalty(1));

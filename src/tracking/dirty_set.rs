@@ -1,5 +1,5 @@
-//! The merged dirty-page set, and dirty-bitmap logging (`KVM_GET_DIRTY_LOG` /
-//! `KVM_CLEAR_DIRTY_LOG`) as the alternative to rings.
+//! The merged dirty-page set: what ring harvests and bitmap syncs found, until a consumer
+//! (a migration pass) takes it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 

@@ -101,7 +101,8 @@ impl FromStr for Workload {
             .map(|p| match p.parse::<f64>() {
                 Ok(v) if v.is_finite() && v >= MIN_PACE_MIBPS => Ok(v),
                 Ok(v) if v.is_finite() && v > 0.0 => Err(SpecError(format!(
-                    "workload '{spec}': pace '{p}' is below the slowest pace a writer keeps,                      {MIN_PACE_MIBPS} MiB/s"
+                    "workload '{spec}': pace '{p}' is below the slowest pace a writer keeps, \
+                     {MIN_PACE_MIBPS} MiB/s"
                 ))),
                 _ => Err(SpecError(format!(
                     "workload '{spec}': pace '{p}' is not a positive number of MiB/s"
