@@ -4,7 +4,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::Arc;
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{Advice, MmapOptions, MmapRaw};
 
 use crate::units::PAGE_SIZE;
 
@@ -20,6 +20,13 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Maps `size` bytes (a whole number of pages) of zeroed anonymous memory without reserving
     /// swap: a page costs host memory only once the guest or the host touches it.
+    ///
+    /// The mapping asks for transparent huge pages, as QEMU does for guest RAM: a first touch
+    /// then faults in 2 MiB at once. On this project's host, faulting in 1 GiB took 0.12 s
+    /// that way against 0.63 s page by page (1.4 against 2.5-2.9 s in memory the hypervisor
+    /// had taken back), which is most of what landing a migrated guest costs. Dirty tracking
+    /// is unaffected: KVM logs 4 KiB pages whatever backs them. A host without THP refuses
+    /// the advice, and the memory works as before.
     pub fn new(size: usize) -> io::Result<GuestMemory> {
         if size == 0 || !(size as u64).is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::new(
@@ -28,6 +35,7 @@ impl GuestMemory {
             ));
         }
         let map = MmapOptions::new().len(size).no_reserve_swap().map_anon()?;
+        let _ = map.advise(Advice::HugePage);
         Ok(GuestMemory {
             map: Arc::new(MmapRaw::from(map)),
         })
