@@ -85,11 +85,8 @@ pub fn zero_page_hash() -> u64 {
 /// The hash of one page of memory the guest may be writing, read word by word; a page of
 /// zeros costs a scan, not a hash.
 pub fn page_hash_of(page: &[AtomicU64]) -> u64 {
-    let mut words = [0u64; PAGE_WORDS];
-    for (word, w) in words.iter_mut().zip(page) {
-        // Relaxed: a torn view of a page under concurrent writes hashes as what was read.
-        *word = w.load(Ordering::Relaxed);
-    }
+    // Relaxed: a torn view of a page under concurrent writes hashes as what was read.
+    let words: [u64; PAGE_WORDS] = std::array::from_fn(|i| page[i].load(Ordering::Relaxed));
     if words.iter().all(|&w| w == 0) {
         return zero_page_hash();
     }

@@ -45,7 +45,7 @@ fn source_stream(data: &[u8]) {
     // differ: a pace of -0.0 reads as unpaced and writes back as 0).
     let mut writer = StreamWriter::new(Vec::new());
     writer.header(&config).expect("writing to a Vec");
-    let rewritten = writer.get_mut().clone();
+    let rewritten = writer.into_inner().expect("writing to a Vec");
     assert_eq!(rewritten.len() as u64, header_len);
     let again = StreamReader::new(&rewritten[..])
         .header()

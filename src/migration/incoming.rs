@@ -246,7 +246,7 @@ struct Image {
 impl Image {
     fn receive(
         migration: &Migration,
-        reader: &mut StreamReader<impl io::Read>,
+        reader: &mut StreamReader<impl io::BufRead>,
         config: &StreamConfig,
     ) -> Result<Image, String> {
         let pages = config.pages();
@@ -268,13 +268,12 @@ impl Image {
             match record {
                 Record::Page { page, data } => {
                     let words = &ram.words()[page as usize * PAGE_WORDS..][..PAGE_WORDS];
-                    let mut values = [0u64; PAGE_WORDS];
-                    for ((word, value), bytes) in
-                        words.iter().zip(&mut values).zip(data.chunks_exact(8))
-                    {
-                        *value = u64::from_le_bytes(bytes.try_into().expect("8 bytes"));
+                    let values: [u64; PAGE_WORDS] = std::array::from_fn(|i| {
+                        u64::from_le_bytes(data[i * 8..][..8].try_into().expect("8 bytes"))
+                    });
+                    for (word, &value) in words.iter().zip(&values) {
                         // Relaxed: no vCPU runs on this memory yet; booting orders it.
-                        word.store(*value, Ordering::Relaxed);
+                        word.store(value, Ordering::Relaxed);
                     }
                     hashes[page as usize] = digest::page_hash(&values);
                     filled[page as usize / 64] |= 1 << (page % 64);

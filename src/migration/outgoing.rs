@@ -1,6 +1,6 @@
 //! The source's precopy loop (see the module docs of `migration`).
 
-use std::io::{self, BufWriter};
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pages between looks at the clock and the cancel flag.
 const PAGES_PER_CHECK: u64 = 64;
-/// The stream's buffer: big enough that writes are few, small enough that the rate limit sees
-/// bytes as they go.
-const STREAM_BUFFER: usize = 256 << 10;
 
 /// How a migration ended before completing.
 enum End {
@@ -167,7 +164,7 @@ impl Batch {
 /// The sending side: the stream, the pass under way and the counters QEMU keeps.
 struct Sender<'a> {
     machine: &'a Machine,
-    out: StreamWriter<BufWriter<super::Connection>>,
+    out: StreamWriter<super::Connection>,
     batch: Batch,
     /// The pass under way.
     iteration: Iteration,
@@ -207,13 +204,9 @@ impl Sender<'_> {
     /// Sends page `page` as it is now.
     fn send_page(&mut self, page: u64) -> io::Result<()> {
         let words = &self.machine.ram().words()[page as usize * PAGE_WORDS..][..PAGE_WORDS];
-        let mut buf = [0u64; PAGE_WORDS];
-        for (b, w) in buf.iter_mut().zip(words) {
-            // Relaxed: a page the guest writes while it is read is dirty again, and sent
-            // again after the next harvest (which the kernel logs after its reset).
-            *b = w.load(Ordering::Relaxed);
-        }
-        if self.out.page(page, &buf)? {
+        // Relaxed: a page the guest writes while it is read is dirty again, and sent again
+        // after the next harvest (which the kernel logs after its reset).
+        if self.out.page(page, |i| words[i].load(Ordering::Relaxed))? {
             self.zero += 1;
         } else {
             self.normal += 1;
@@ -419,7 +412,7 @@ fn send_guest(
         // Relaxed: as in `Sender::send`.
         cancel.load(Ordering::Relaxed)
     };
-    let mut out = StreamWriter::new(BufWriter::with_capacity(STREAM_BUFFER, conn.try_clone()?));
+    let mut out = StreamWriter::new(conn.try_clone()?);
     out.header(&stream_config(machine))?;
     // Everything dirtied until now goes in the first pass.
     machine

@@ -28,11 +28,10 @@
 //! never panics, whatever the bytes (the `stream` fuzz target feeds it arbitrary ones).
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 
 use dirtyvm_sys as sys;
 
-use crate::digest::PAGE_WORDS;
 use crate::units::PAGE_SIZE;
 use crate::vm::guest::{GuestStats, Layout, Workload, MAX_VCPUS, MIN_PACE_MIBPS};
 use crate::vm::kvm::VcpuState;
@@ -124,39 +123,92 @@ impl fmt::Display for StreamError {
 
 impl std::error::Error for StreamError {}
 
-/// Writes a stream, counting the bytes.
+/// Writes a stream, counting the bytes, through its own buffer: a page goes from guest memory
+/// straight into the buffer ([`StreamWriter::page`]), and the buffer to `out` in large writes.
 #[derive(Debug)]
 pub struct StreamWriter<W: Write> {
     out: W,
     bytes: u64,
-    /// A page record's bytes, reused.
-    record: Vec<u8>,
+    /// What is not written to `out` yet: `buffer[..filled]`.
+    buffer: Box<[u8]>,
+    filled: usize,
 }
 
+/// Bytes of a page record: tag, index, content.
+const PAGE_RECORD: usize = 9 + PAGE_SIZE as usize;
+
+/// Bytes the writer gathers before writing them out: big enough that writes are few, small
+/// enough that a source's rate limit sees bytes as they go.
+const WRITE_BUFFER: usize = 256 << 10;
+
 impl<W: Write> StreamWriter<W> {
-    /// A writer onto `out` (buffer it: records are small).
+    /// A writer onto `out` (unbuffered: the writer buffers).
     pub fn new(out: W) -> StreamWriter<W> {
         StreamWriter {
             out,
             bytes: 0,
-            record: vec![0; 9 + PAGE_SIZE as usize],
+            buffer: vec![0; WRITE_BUFFER].into_boxed_slice(),
+            filled: 0,
         }
     }
 
-    /// Bytes written so far.
+    /// Bytes written so far (some may still be in the buffer).
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// The underlying writer.
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.out
+    /// Writes out what is buffered and returns the underlying writer.
+    pub fn into_inner(mut self) -> io::Result<W> {
+        self.drain()?;
+        Ok(self.out)
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        self.out.write_all(&self.buffer[..self.filled])?;
+        self.filled = 0;
+        Ok(())
     }
 
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(bytes)?;
+        if self.filled + bytes.len() > self.buffer.len() {
+            self.drain()?;
+        }
+        if bytes.len() > self.buffer.len() {
+            self.out.write_all(bytes)?;
+        } else {
+            self.buffer[self.filled..][..bytes.len()].copy_from_slice(bytes);
+            self.filled += bytes.len();
+        }
         self.bytes += bytes.len() as u64;
         Ok(())
+    }
+
+    /// A page record, or a zero-page record when the page's words, `word(0)` to
+    /// `word(PAGE_WORDS - 1)`, are all zero. Returns whether the page was a zero page. Each
+    /// word is read once, into the record in the buffer: no copy of the page on the way.
+    pub fn page(&mut self, page: u64, word: impl Fn(usize) -> u64) -> io::Result<bool> {
+        if self.filled + PAGE_RECORD > self.buffer.len() {
+            self.drain()?;
+        }
+        let record = &mut self.buffer[self.filled..][..PAGE_RECORD];
+        let mut any = 0;
+        for (i, bytes) in record[9..].chunks_exact_mut(8).enumerate() {
+            let value = word(i);
+            any |= value;
+            bytes.copy_from_slice(&value.to_le_bytes());
+        }
+        if any == 0 {
+            let mut b = [0u8; 9];
+            b[0] = TAG_ZERO;
+            b[1..].copy_from_slice(&page.to_le_bytes());
+            self.put(&b)?;
+            return Ok(true);
+        }
+        record[0] = TAG_PAGE;
+        record[1..9].copy_from_slice(&page.to_le_bytes());
+        self.filled += PAGE_RECORD;
+        self.bytes += PAGE_RECORD as u64;
+        Ok(false)
     }
 
     /// The header and the config.
@@ -179,28 +231,6 @@ impl<W: Write> StreamWriter<W> {
             b.extend_from_slice(&pace.map_or(0, f64::to_bits).to_le_bytes());
         }
         self.put(&b)
-    }
-
-    /// A page record, or a zero-page record when `words` are all zero. Returns whether the
-    /// page was a zero page.
-    pub fn page(&mut self, page: u64, words: &[u64; PAGE_WORDS]) -> io::Result<bool> {
-        if words.iter().all(|&w| w == 0) {
-            let mut b = [0u8; 9];
-            b[0] = TAG_ZERO;
-            b[1..].copy_from_slice(&page.to_le_bytes());
-            self.put(&b)?;
-            return Ok(true);
-        }
-        // One record, built in place, one write: no buffer to clear per page.
-        let mut record = std::mem::take(&mut self.record);
-        record[0] = TAG_PAGE;
-        record[1..9].copy_from_slice(&page.to_le_bytes());
-        for (chunk, word) in record[9..].chunks_exact_mut(8).zip(words) {
-            chunk.copy_from_slice(&word.to_le_bytes());
-        }
-        let written = self.put(&record);
-        self.record = record;
-        written.map(|()| false)
     }
 
     /// The end of a pass.
@@ -232,9 +262,10 @@ impl<W: Write> StreamWriter<W> {
         self.put(&b)
     }
 
-    /// The end of the stream, then a flush.
+    /// The end of the stream, then everything buffered written out and flushed.
     pub fn end(&mut self) -> io::Result<()> {
         self.put(&[TAG_END])?;
+        self.drain()?;
         self.out.flush()
     }
 }
@@ -385,25 +416,29 @@ impl Fields<'_> {
     }
 }
 
-/// Reads a stream, checking everything.
+/// Reads a stream, checking everything. A page's content is lent straight from `input`'s
+/// buffer when it holds the whole page, and copied into the reader's own page otherwise.
 #[derive(Debug)]
-pub struct StreamReader<R: Read> {
+pub struct StreamReader<R: BufRead> {
     input: R,
     /// Bytes read so far: where an error is.
     offset: u64,
     /// The config, once read.
     config: Option<StreamConfig>,
     page: Box<[u8; PAGE_SIZE as usize]>,
+    /// Bytes of `input`'s buffer lent as the last page, consumed when the next record is read.
+    lent: usize,
 }
 
-impl<R: Read> StreamReader<R> {
-    /// A reader of `input` (buffer it).
+impl<R: BufRead> StreamReader<R> {
+    /// A reader of `input`.
     pub fn new(input: R) -> StreamReader<R> {
         StreamReader {
             input,
             offset: 0,
             config: None,
             page: Box::new([0; PAGE_SIZE as usize]),
+            lent: 0,
         }
     }
 
@@ -413,19 +448,7 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), StreamError> {
-        let at = self.offset;
-        self.input.read_exact(buf).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => StreamError {
-                message: format!("the stream ends in the middle of {what} (at byte {at})"),
-                io: Some(e.kind()),
-            },
-            kind => StreamError {
-                message: format!("reading {what} at byte {at}: {e}"),
-                io: Some(kind),
-            },
-        })?;
-        self.offset += buf.len() as u64;
-        Ok(())
+        read_exact_at(&mut self.input, &mut self.offset, buf, what)
     }
 
     fn bytes_of(&mut self, len: usize, what: &str) -> Result<Vec<u8>, StreamError> {
@@ -512,6 +535,7 @@ impl<R: Read> StreamReader<R> {
         let config = self.config.as_ref().expect("header read first");
         let (pages, vcpus) = (config.pages(), config.vcpus() as usize);
         let at = self.offset;
+        self.input.consume(std::mem::take(&mut self.lent));
         let mut tag = [0u8];
         self.fill(&mut tag, "a record's tag")?;
         match tag[0] {
@@ -528,10 +552,22 @@ impl<R: Read> StreamReader<R> {
                 if tag[0] == TAG_ZERO {
                     return Ok(Record::Zero { page });
                 }
-                let mut data = std::mem::replace(&mut self.page, Box::new([0; 4096]));
-                let filled = self.fill(&mut data[..], "a page's content");
-                self.page = data;
-                filled?;
+                let buffered = self.input.fill_buf().map_or(0, |b| b.len());
+                if buffered >= PAGE_SIZE as usize {
+                    self.offset += PAGE_SIZE;
+                    self.lent = PAGE_SIZE as usize;
+                    let buffer = self.input.fill_buf().expect("the buffer just filled");
+                    return Ok(Record::Page {
+                        page,
+                        data: buffer[..PAGE_SIZE as usize].try_into().expect("a page"),
+                    });
+                }
+                read_exact_at(
+                    &mut self.input,
+                    &mut self.offset,
+                    &mut self.page[..],
+                    "a page's content",
+                )?;
                 Ok(Record::Page {
                     page,
                     data: &self.page,
@@ -700,9 +736,34 @@ fn show_bytes(bytes: &[u8]) -> String {
     format!("\"{}\"", bytes.escape_ascii())
 }
 
+/// Reads exactly `buf.len()` bytes of `what` at `offset` (advanced past them); the error says
+/// where the stream ended or failed. A function of the two fields, so that a record's page is
+/// read into the reader's own buffer without taking it out.
+fn read_exact_at(
+    input: &mut impl Read,
+    offset: &mut u64,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(), StreamError> {
+    let at = *offset;
+    input.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => StreamError {
+            message: format!("the stream ends in the middle of {what} (at byte {at})"),
+            io: Some(e.kind()),
+        },
+        kind => StreamError {
+            message: format!("reading {what} at byte {at}: {e}"),
+            io: Some(kind),
+        },
+    })?;
+    *offset += buf.len() as u64;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::PAGE_WORDS;
 
     fn config() -> StreamConfig {
         StreamConfig {
@@ -749,14 +810,16 @@ mod tests {
         w.header(config).unwrap();
         let mut page = [0u64; PAGE_WORDS];
         page[3] = 0xdead_beef;
-        assert!(!w.page(7, &page).unwrap());
-        assert!(w.page(8, &[0; PAGE_WORDS]).unwrap());
+        assert!(!w.page(7, |i| page[i]).unwrap());
+        assert!(w.page(8, |_| 0).unwrap());
         w.end_of_pass(1).unwrap();
         w.device(&state(config.workloads.len())).unwrap();
         w.digest(0x1234).unwrap();
         w.end().unwrap();
-        assert_eq!(w.bytes(), w.get_mut().len() as u64);
-        w.out
+        let bytes = w.bytes();
+        let out = w.into_inner().unwrap();
+        assert_eq!(bytes, out.len() as u64);
+        out
     }
 
     #[test]
@@ -794,11 +857,44 @@ mod tests {
         assert_eq!(r.bytes(), bytes.len() as u64);
     }
 
+    /// A page is lent from the input's buffer when the buffer holds all of it, copied when
+    /// it straddles a refill: both give the page as written.
+    #[test]
+    fn pages_read_back_whether_lent_or_copied() {
+        let config = config();
+        let mut w = StreamWriter::new(Vec::new());
+        w.header(&config).unwrap();
+        for page in 0..8u64 {
+            w.page(page, |i| (page << 32) | (i as u64 + 1)).unwrap();
+        }
+        w.end().unwrap();
+        let bytes = w.into_inner().unwrap();
+        for capacity in [5000, 9000, 64 << 10] {
+            let mut r = StreamReader::new(io::BufReader::with_capacity(capacity, &bytes[..]));
+            r.header().unwrap();
+            for page in 0..8u64 {
+                match r.record().unwrap() {
+                    Record::Page { page: p, data } => {
+                        assert_eq!(p, page);
+                        for (i, word) in data.chunks_exact(8).enumerate() {
+                            let want = (page << 32) | (i as u64 + 1);
+                            assert_eq!(word, want.to_le_bytes(), "capacity {capacity}");
+                        }
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert!(matches!(r.record().unwrap(), Record::End));
+            assert_eq!(r.bytes(), bytes.len() as u64);
+        }
+    }
+
     #[test]
     fn zero_pages_cost_no_payload() {
         let mut w = StreamWriter::new(Vec::new());
-        w.page(1, &[0; PAGE_WORDS]).unwrap();
+        w.page(1, |_| 0).unwrap();
         assert_eq!(w.bytes(), 9);
+        assert_eq!(w.into_inner().unwrap().len(), 9);
     }
 
     fn refused(bytes: &[u8]) -> String {
@@ -829,13 +925,14 @@ mod tests {
         // A page beyond the guest.
         let mut w = StreamWriter::new(Vec::new());
         w.header(&config()).unwrap();
-        w.page(16384, &[1; PAGE_WORDS]).unwrap();
-        assert!(refused(&w.out).contains("page 16384, beyond the guest's 16384 pages"));
+        w.page(16384, |_| 1).unwrap();
+        assert!(refused(&w.into_inner().unwrap())
+            .contains("page 16384, beyond the guest's 16384 pages"));
         // An unknown tag.
         let mut w = StreamWriter::new(Vec::new());
         w.header(&config()).unwrap();
         w.put(&[0x42]).unwrap();
-        assert!(refused(&w.out).contains("unknown record tag 0x42"));
+        assert!(refused(&w.into_inner().unwrap()).contains("unknown record tag 0x42"));
         // A config that cannot boot.
         let too_big = StreamConfig {
             memory: 4 << 20,
@@ -843,11 +940,12 @@ mod tests {
         };
         let mut w = StreamWriter::new(Vec::new());
         w.header(&too_big).unwrap();
-        assert!(refused(&w.out).contains("impossible"));
+        assert!(refused(&w.into_inner().unwrap()).contains("impossible"));
         let mut w = StreamWriter::new(Vec::new());
         w.header(&config()).unwrap();
-        w.out[24] = 0;
-        assert!(refused(&w.out).contains("0 vCPUs"));
+        let mut out = w.into_inner().unwrap();
+        out[24] = 0;
+        assert!(refused(&out).contains("0 vCPUs"));
     }
 
     #[test]
