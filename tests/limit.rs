@@ -164,16 +164,18 @@ fn auto_converge_slows_every_vcpu_alike() {
 /// A fixed throttle of P % puts every vCPU to sleep P % of the time (10 ms running, then
 /// `10 × P / (100 − P)` ms asleep), and a writer then dirties at about (1 − P) of its free rate.
 /// Measured here at 50 %: slept 49.4-50.1 % (47.0-48.3 % beside a process spinning on the
-/// other core, which takes CPU time the vCPU threads would sleep in); the writer at 41-50 % of
+/// other core, which takes CPU time the vCPU threads would sleep in); the writer at 34-54 % of
 /// its free rate (57-76 % beside the spinner: a vCPU that sleeps half the time competes less
-/// for the cores, so it runs faster while it runs). A throttle at half strength sleeps 33 %.
+/// for the cores, so it runs faster while it runs), the free rate itself moving 470-620 MiB/s
+/// from run to run on this shared host. A throttle at half strength sleeps 33 %; one whose
+/// sleeps are counted but not served leaves the writer at its free rate.
 #[test]
 fn a_fixed_throttle_takes_its_share_of_every_vcpu() {
     if !common::kvm_available("a_fixed_throttle_takes_its_share_of_every_vcpu") {
         return;
     }
     let (machine, _turn) = boot(DirtyLog::Ring, &["write:64M", "read:64M"]);
-    let free = rates(&machine, Duration::from_secs(1));
+    let free = rates(&machine, Duration::from_secs(2));
     machine.limiter().set_throttle_percent(50).unwrap();
     sleep(Duration::from_millis(300));
     let slept_before: Vec<f64> = (0..2)
@@ -196,7 +198,7 @@ fn a_fixed_throttle_takes_its_share_of_every_vcpu() {
     }
     let writer = throttled[0].0 / free[0].0;
     assert!(
-        (0.35..=0.80).contains(&writer),
+        (0.30..=0.80).contains(&writer),
         "the writer ran at {:.1} % of its free rate under a 50 % throttle",
         writer * 100.0
     );
