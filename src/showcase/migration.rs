@@ -222,21 +222,25 @@ pub fn throughput(
     // A paused guest: the transfer is measured, not the convergence.
     source.pause();
     let (mut migration_s, mut copy_s, mut stream_bytes) = (f64::MAX, f64::MAX, 0);
+    let copy = || {
+        plain_copy(source.ram(), transport)
+            .map(|took| took.as_secs_f64())
+            .map_err(failed)
+    };
     for round in 0..THROUGHPUT_ROUNDS {
         // Whichever lands second lands in the memory the other just freed, which this host
         // faults in faster than memory left unused for seconds: the order alternates.
-        if round % 2 == 1 {
-            let copy = plain_copy(source.ram(), transport).map_err(failed)?;
-            copy_s = copy_s.min(copy.as_secs_f64());
+        let copy_first = round % 2 == 1;
+        if copy_first {
+            copy_s = copy_s.min(copy()?);
         }
         let dest = LocalDestination::listen(transport.uri("throughput"), Landing::Answer)
             .map_err(failed)?;
         let (info, took, _) = migrate_to(&source, dest, u64::MAX).map_err(failed)?;
         migration_s = migration_s.min(took.as_secs_f64());
         stream_bytes = info.ram.transferred;
-        if round % 2 == 0 {
-            let copy = plain_copy(source.ram(), transport).map_err(failed)?;
-            copy_s = copy_s.min(copy.as_secs_f64());
+        if !copy_first {
+            copy_s = copy_s.min(copy()?);
         }
     }
     source.shutdown()?;
