@@ -30,19 +30,23 @@
 //! limit; the rest share what is left equally); a vCPU that dirties under 1 MiB/s (a reader)
 //! is never limited. `D` only ever goes down: near the end the syncs come fast, each finding
 //! little left, and a `D` computed from that would free the writers just when what they
-//! dirty must stay under what the last sync can take. What a vCPU would dirty unhindered is its rate before it was limited, or
-//! what it shows while it uses its whole limit. The limits go when the migration ends,
-//! however it ends.
+//! dirty must stay under what the last sync can take. What a vCPU would dirty unhindered is
+//! its rate while it is not limited; once limited, its rate shows only what the limit lets
+//! through, so it keeps the demand it had (or more, if it dirties more): a writer is never
+//! freed for keeping under its limit. The limits go when the migration ends, however it
+//! ends.
 //!
 //! # `x-expected-completion-ms`
 //!
-//! The forecast time to completion: what remains, `R`, drains at `B − D` (each pass sends
-//! what is pending while the guest adds `D` more) until it fits the threshold `T = B ×
-//! downtime-limit`: `(R − T) / (B − D)`. The switchover then sends the rest without the rate
-//! limit, in what the downtime limit bounds; it is left out.
-//! `D` is the rate of newly dirtied bytes the last period showed, or the self-set limit's
-//! total once it is in force; `B` is the stream's bandwidth, smoothed. With `D ≥ B` the
-//! migration does not converge and there is no forecast.
+//! The forecast time to completion, as the precopy loop goes: the pass under way sends what
+//! is pending, `R`, at the stream's bandwidth `B` (smoothed) down to the threshold `T = B ×
+//! downtime-limit`, in `(R − T) / B`; what the guest dirties meanwhile joins only at the sync
+//! that follows: `D` × the time since the last sync. Each sync's find then goes out while the
+//! guest dirties `D / B` of it again, until a sync finds less than what the last window left
+//! under the threshold (half a window's bytes on average), and the switchover sends the rest
+//! without the rate limit, in what the downtime limit bounds (left out). `D` is the rate of
+//! newly dirtied bytes the last period showed, or the self-set limit's total once it is in
+//! force. With `D ≥ B` the migration does not converge and there is no forecast.
 
 use std::time::Duration;
 
@@ -55,8 +59,6 @@ use crate::vmm::Machine;
 const AUTO_MARGIN: f64 = 0.8;
 /// A vCPU that dirties less than this (MiB/s) is not a writer: it is never limited.
 const DIRTYING_MIBPS: f64 = 1.0;
-/// A limited vCPU using at least this share of its limit may want more.
-const USING_ITS_LIMIT: f64 = 0.8;
 
 /// Which aid a migration uses, fixed when it starts (capabilities cannot change while it
 /// runs).
@@ -233,11 +235,8 @@ impl Convergence {
         let rates = machine.tracker().rate_estimates();
         let limits = self.auto.as_deref();
         for (id, (demand, rate)) in self.demand.iter_mut().zip(&rates).enumerate() {
-            let rate = rate.trailing_mibps;
-            *demand = match limits.and_then(|l| l[id]) {
-                Some(limit) if rate >= USING_ITS_LIMIT * limit => demand.max(rate),
-                _ => rate,
-            };
+            let limited = limits.is_some_and(|l| l[id].is_some());
+            *demand = demand_now(*demand, rate.trailing_mibps, limited);
         }
     }
 
@@ -289,6 +288,18 @@ impl Convergence {
     }
 }
 
+/// What a vCPU that dirtied `rate` MiB/s lately would dirty unhindered, given what it would
+/// before (`demand`): its rate, unless it is `limited`, when its rate says only what the
+/// limit lets through (a writer held to 1 MiB/s shows less, and taking that for its demand
+/// would free it as a reader at the next sync): then it keeps the larger of the two.
+fn demand_now(demand: f64, rate: f64, limited: bool) -> f64 {
+    if limited {
+        demand.max(rate)
+    } else {
+        rate
+    }
+}
+
 /// The dirty rate, bytes/s, that lets a pass over `remaining` bytes at `bandwidth` bytes/s
 /// be the last under a downtime limit of `downtime_ms`, with [`AUTO_MARGIN`].
 fn auto_budget(remaining: u64, bandwidth: f64, downtime_ms: u64) -> f64 {
@@ -321,19 +332,38 @@ fn water_fill(demand: &[f64], budget: f64) -> Vec<Option<f64>> {
     limits
 }
 
-/// `x-expected-completion-ms`: see the module docs. `None` when it does not converge.
+/// `x-expected-completion-ms`: see the module docs. `remaining` bytes are pending, the last
+/// sync was `since_sync` ago, the stream sends `bandwidth` bytes/s in windows of `window`,
+/// the guest dirties `dirty_rate` bytes/s. `None` when it does not converge.
 pub(super) fn forecast_ms(
     remaining: u64,
+    since_sync: Duration,
     bandwidth: f64,
     dirty_rate: f64,
     downtime_ms: u64,
+    window: Duration,
 ) -> Option<u64> {
     if bandwidth <= 0.0 || dirty_rate >= bandwidth {
         return None;
     }
     let threshold = bandwidth * downtime_ms as f64 / 1000.0;
-    let draining = (remaining as f64 - threshold).max(0.0) / (bandwidth - dirty_rate);
-    Some((draining * 1000.0).round() as u64)
+    // The pass drains to the threshold; what the guest dirties meanwhile joins at the sync.
+    let drain = (remaining as f64 - threshold).max(0.0) / bandwidth;
+    let found = dirty_rate * (since_sync.as_secs_f64() + drain);
+    // Each sync's find goes out while the guest dirties `ratio` of it again, until a find
+    // fits under the threshold beside what the last window left: half a window's bytes.
+    let settle = bandwidth * window.as_secs_f64() / 2.0;
+    let ratio = dirty_rate / bandwidth;
+    let syncs = if found <= settle {
+        0.0
+    } else if ratio <= 0.0 {
+        1.0
+    } else {
+        ((found / settle).ln() / (1.0 / ratio).ln()).ceil()
+    };
+    // found × (1 + ratio + ratio² + ...) for that many syncs.
+    let refinds = found * (1.0 - ratio.powf(syncs)) / (1.0 - ratio) / bandwidth;
+    Some(((drain + refinds) * 1000.0).round() as u64)
 }
 
 #[cfg(test)]
@@ -352,6 +382,20 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_keeps_its_demand_while_it_is_held() {
+        // Unhindered, a vCPU wants what it dirties, less or more than before.
+        assert_eq!(demand_now(500.0, 0.2, false), 0.2);
+        assert_eq!(demand_now(0.2, 500.0, false), 500.0);
+        // Held to 1 MiB/s, a 500 MiB/s writer dirties 0.7 MiB/s: it is still a writer, and
+        // water-filling keeps it limited instead of freeing it as a reader.
+        let demand = demand_now(500.0, 0.7, true);
+        assert_eq!(demand, 500.0);
+        assert_eq!(water_fill(&[demand, 0.0], 1.0), [Some(1.0), None]);
+        // Dirtying more than it was thought to want, it wants at least that.
+        assert_eq!(demand_now(20.0, 30.0, true), 30.0);
+    }
+
+    #[test]
     fn the_auto_budget_makes_the_next_pass_the_last() {
         // 128 MiB left at 64 MiB/s with a 300 ms limit: the pass takes 2 s and may dirty
         // 19.2 MiB, so 9.6 MiB/s, less the margin.
@@ -361,20 +405,37 @@ mod tests {
     }
 
     #[test]
-    fn the_forecast_drains_at_bandwidth_less_dirty_rate() {
+    fn the_forecast_drains_the_pass_then_what_each_sync_finds() {
         let mib = MIB as f64;
-        // 128 MiB at 64 MiB/s, nothing dirtied: all but the threshold (19.2 MiB), which
-        // the switchover sends, goes in 1.7 s.
-        assert_eq!(forecast_ms(128 << 20, 64.0 * mib, 0.0, 300), Some(1700));
-        // Dirtying 32 MiB/s halves the drain: 108.8 / 32 = 3.4 s.
+        let window = Duration::from_millis(100);
+        let forecast = |remaining: u64, since_sync_ms: u64, dirty_mibps: f64| {
+            forecast_ms(
+                remaining << 20,
+                Duration::from_millis(since_sync_ms),
+                64.0 * mib,
+                dirty_mibps * mib,
+                300,
+                window,
+            )
+        };
+        // 128 MiB at 64 MiB/s, nothing dirtied: all but the threshold (19.2 MiB), which the
+        // switchover sends, goes in 1.7 s.
+        assert_eq!(forecast(128, 0, 0.0), Some(1700));
+        // Dirtying 8 MiB/s, a pass under way for 0.3 s: the sync after the drain finds
+        // 8 × 2.0 = 16 MiB (0.25 s to send); the next finds 2 MiB, under half a window's
+        // 3.2 MiB: the switchover. At 32 MiB/s: 64 MiB (1 s), 32 (0.5 s), 16, 8, 4, then 2.
+        assert_eq!(forecast(128, 300, 8.0), Some(1950));
         assert_eq!(
-            forecast_ms(128 << 20, 64.0 * mib, 32.0 * mib, 300),
-            Some(3400)
+            forecast(128, 300, 32.0),
+            Some(1700 + 1000 + 500 + 250 + 125 + 63)
         );
-        // Within the threshold: done at the next sync.
-        assert_eq!(forecast_ms(16 << 20, 64.0 * mib, 32.0 * mib, 300), Some(0));
+        // Within the threshold and nothing found: done at the next sync.
+        assert_eq!(forecast(16, 0, 0.0), Some(0));
         // Dirtying as fast as the link: never.
-        assert_eq!(forecast_ms(128 << 20, 64.0 * mib, 64.0 * mib, 300), None);
-        assert_eq!(forecast_ms(128 << 20, 0.0, 0.0, 300), None);
+        assert_eq!(forecast(128, 0, 64.0), None);
+        assert_eq!(
+            forecast_ms(128 << 20, Duration::ZERO, 0.0, 0.0, 300, window),
+            None
+        );
     }
 }

@@ -341,9 +341,11 @@ impl Sender<'_> {
             .unwrap_or(self.fresh_rate);
         state.info.expected_completion_ms = converge::forecast_ms(
             self.batch.remaining * PAGE_SIZE,
+            now - self.pass_start,
             self.smoothed_bandwidth,
             dirty_rate,
             params.downtime_limit_ms,
+            WINDOW,
         );
         state.info.aids = self.convergence.view(self.machine);
         self.publish(state);
