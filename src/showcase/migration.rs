@@ -202,7 +202,7 @@ pub struct ThroughputRow {
 
 /// Migrates an idle or a fully written guest of `memory` unthrottled over `transport`, and
 /// copies the same RAM over the same kind of socket, in one run: the fastest of
-/// four rounds each, the two taking turns to go first.
+/// `THROUGHPUT_ROUNDS` rounds each, the two taking turns to go first.
 pub fn throughput(
     written: bool,
     memory: u64,
@@ -538,12 +538,12 @@ pub struct ConvergenceRow {
     pub forecast_error: Option<(f64, f64)>,
 }
 
-/// One sample of a convergence run, every 100 ms.
+/// One sample of a convergence run, every `SAMPLE`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConvergenceSample {
     /// Since `migrate`, s (negative before it).
     pub t_s: f64,
-    /// The writer's and the reader's speed over the last five samples (half a second), MiB/s.
+    /// The writer's and the reader's speed over the last `SPEED_WINDOW` samples, MiB/s.
     pub writer_mibps: f64,
     /// See `writer_mibps`.
     pub reader_mibps: f64,
