@@ -32,23 +32,23 @@ fn merge(acc: u64, lane: u64) -> u64 {
     (acc ^ round(0, lane)).wrapping_mul(P1).wrapping_add(P4)
 }
 
-/// XXH64 with `seed` over `words` (the little-endian u64s of the input), four lanes at a
-/// time: a slice, so the lanes run side by side.
-fn xxh64(seed: u64, words: &[u64]) -> u64 {
-    let stripes = words.chunks_exact(4);
-    let tail = stripes.remainder();
-    let mut h = if words.len() >= 4 {
+/// XXH64 with `seed` over `len` words, the `i`th read by `word(i)` (the little-endian u64s
+/// of the input), four lanes at a time. Reading through `word` lets a page be hashed where it
+/// lies, in guest memory, without a copy.
+fn xxh64_by(seed: u64, len: usize, word: impl Fn(usize) -> u64) -> u64 {
+    let stripes = len / 4;
+    let mut h = if len >= 4 {
         let mut v = [
             seed.wrapping_add(P1).wrapping_add(P2),
             seed.wrapping_add(P2),
             seed,
             seed.wrapping_sub(P1),
         ];
-        for stripe in stripes {
-            v[0] = round(v[0], stripe[0]);
-            v[1] = round(v[1], stripe[1]);
-            v[2] = round(v[2], stripe[2]);
-            v[3] = round(v[3], stripe[3]);
+        for stripe in 0..stripes {
+            v[0] = round(v[0], word(4 * stripe));
+            v[1] = round(v[1], word(4 * stripe + 1));
+            v[2] = round(v[2], word(4 * stripe + 2));
+            v[3] = round(v[3], word(4 * stripe + 3));
         }
         let h = v[0]
             .rotate_left(1)
@@ -59,9 +59,9 @@ fn xxh64(seed: u64, words: &[u64]) -> u64 {
     } else {
         seed.wrapping_add(P5)
     };
-    h = h.wrapping_add(words.len() as u64 * 8);
-    for &word in tail {
-        h ^= round(0, word);
+    h = h.wrapping_add(len as u64 * 8);
+    for i in 4 * stripes..len {
+        h ^= round(0, word(i));
         h = h.rotate_left(27).wrapping_mul(P1).wrapping_add(P4);
     }
     h ^= h >> 33;
@@ -71,26 +71,30 @@ fn xxh64(seed: u64, words: &[u64]) -> u64 {
     h ^ (h >> 32)
 }
 
-/// The hash of one page given as its 512 words.
-pub fn page_hash(words: &[u64; PAGE_WORDS]) -> u64 {
-    xxh64(1, words)
+/// XXH64 with `seed` over `words`.
+fn xxh64(seed: u64, words: &[u64]) -> u64 {
+    xxh64_by(seed, words.len(), |i| words[i])
 }
 
 /// The hash of a page of zeros.
 pub fn zero_page_hash() -> u64 {
     static ZERO: OnceLock<u64> = OnceLock::new();
-    *ZERO.get_or_init(|| page_hash(&[0; PAGE_WORDS]))
+    *ZERO.get_or_init(|| xxh64(1, &[0; PAGE_WORDS]))
 }
 
-/// The hash of one page of memory the guest may be writing, read word by word; a page of
+/// The hash of one page of memory the guest may be writing, read where it lies; a page of
 /// zeros costs a scan, not a hash.
+///
+/// # Panics
+/// If `page` is not `PAGE_WORDS` words long.
 pub fn page_hash_of(page: &[AtomicU64]) -> u64 {
+    let page: &[AtomicU64; PAGE_WORDS] = page.try_into().expect("a page's words");
     // Relaxed: a torn view of a page under concurrent writes hashes as what was read.
-    let words: [u64; PAGE_WORDS] = std::array::from_fn(|i| page[i].load(Ordering::Relaxed));
-    if words.iter().all(|&w| w == 0) {
+    let word = |i: usize| page[i].load(Ordering::Relaxed);
+    if (0..PAGE_WORDS).all(|i| word(i) == 0) {
         return zero_page_hash();
     }
-    page_hash(&words)
+    xxh64_by(1, PAGE_WORDS, word)
 }
 
 /// The digest of a RAM whose page hashes, in page order, are `page_hashes`.
@@ -130,17 +134,16 @@ mod tests {
             .collect()
     }
 
-    fn page(bytes: &[u8]) -> [u64; PAGE_WORDS] {
-        words(bytes).try_into().unwrap()
+    fn page(bytes: &[u8]) -> Vec<AtomicU64> {
+        words(bytes).into_iter().map(AtomicU64::new).collect()
     }
 
     #[test]
     fn xxh64_matches_the_reference_implementation() {
         // Values from the python-xxhash package: xxh64(data, seed).
-        let page_of = page;
-        let page: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
-        assert_eq!(page_hash(&page_of(&page)), 0x2215_4cb5_a9b7_bbef);
-        assert_eq!(page_hash(&page_of(&[0; 4096])), 0x82da_6c10_8266_bfde);
+        let bytes: Vec<u8> = (0..4096u32).map(|i| ((i * 7 + 3) & 0xff) as u8).collect();
+        assert_eq!(page_hash_of(&page(&bytes)), 0x2215_4cb5_a9b7_bbef);
+        assert_eq!(page_hash_of(&page(&[0; 4096])), 0x82da_6c10_8266_bfde);
         assert_eq!(zero_page_hash(), 0x82da_6c10_8266_bfde);
         // Lengths that are not whole stripes: xxh64(bytes(0..40), seed=3) and of 16 bytes.
         let forty: Vec<u8> = (0..40).collect();

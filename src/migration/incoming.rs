@@ -268,14 +268,12 @@ impl Image {
             match record {
                 Record::Page { page, data } => {
                     let words = &ram.words()[page as usize * PAGE_WORDS..][..PAGE_WORDS];
-                    let values: [u64; PAGE_WORDS] = std::array::from_fn(|i| {
-                        u64::from_le_bytes(data[i * 8..][..8].try_into().expect("8 bytes"))
-                    });
-                    for (word, &value) in words.iter().zip(&values) {
+                    for (word, value) in words.iter().zip(data.chunks_exact(8)) {
+                        let value = u64::from_le_bytes(value.try_into().expect("8 bytes"));
                         // Relaxed: no vCPU runs on this memory yet; booting orders it.
                         word.store(value, Ordering::Relaxed);
                     }
-                    hashes[page as usize] = digest::page_hash(&values);
+                    hashes[page as usize] = digest::page_hash_of(words);
                     filled[page as usize / 64] |= 1 << (page % 64);
                     normal += 1;
                     iteration.pages_sent += 1;
