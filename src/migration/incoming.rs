@@ -194,7 +194,7 @@ fn read_stream(
         why
     };
     stream::write_hello(&mut answer).map_err(|e| format!("greeting the source: {e}"))?;
-    let mut reader = StreamReader::new(BufReader::with_capacity(256 << 10, input));
+    let mut reader = StreamReader::new(BufReader::with_capacity(stream::READ_BUFFER, input));
     let config = reader
         .header()
         .map_err(|e| refuse(&mut answer, e.to_string()))?;

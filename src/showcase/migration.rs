@@ -3,7 +3,7 @@
 //! a busy guest. `benches/migration.rs` runs them and prints the tables.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::plot::{Chart, Panel, Phase, Series};
+use crate::digest::PAGE_WORDS;
 use crate::limit::LimitAlgo;
 use crate::migration::{
-    self, Expect, Migration, MigrationInfo, MigrationStatus, MigrationUri, Parameters,
+    self, stream, Expect, Migration, MigrationInfo, MigrationStatus, MigrationUri, Parameters,
 };
 use crate::tracking::{Cadence, DirtyLog};
 use crate::units::{pages_to_mibps, PAGE_SIZE};
@@ -263,25 +264,26 @@ pub fn throughput(
 const THROUGHPUT_ROUNDS: usize = 4;
 
 /// Copies `ram` over a fresh socket of `transport` into fresh memory on another thread, the
-/// way the migration reads and lands it (loads from guest memory, 256 KiB writes; reads into
-/// memory that faults in as it fills): the time from the first byte sent to the last one
-/// landed.
+/// way the migration reads and lands it (loads from guest memory, writes of
+/// [`stream::WRITE_BUFFER`]; reads of [`stream::READ_BUFFER`] into memory that faults in as it
+/// fills): the time from the first byte sent to the last one landed.
 fn plain_copy(ram: &GuestMemory, transport: Transport) -> Result<Duration, String> {
     let uri = transport.uri("copy");
     let listener = uri.listen().map_err(|e| e.to_string())?;
     let address = listener.address();
     let len = ram.len();
     let receiver = thread::spawn(move || -> Result<(), String> {
-        let mut conn = listener
+        let conn = listener
             .accept(TIMEOUT)
             .map_err(|e| e.to_string())?
             .ok_or("no connection")?;
         let land = GuestMemory::new(len).map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; 256 << 10];
-        for chunk in land.words().chunks(buf.len() / 8) {
-            let bytes = &mut buf[..chunk.len() * 8];
-            conn.read_exact(bytes).map_err(|e| e.to_string())?;
-            for (word, value) in chunk.iter().zip(bytes.chunks_exact(8)) {
+        // Read as the destination reads: through a buffer of the same size, a page at a time.
+        let mut input = BufReader::with_capacity(stream::READ_BUFFER, conn);
+        let mut page = [0u8; PAGE_SIZE as usize];
+        for words in land.words().chunks_exact(PAGE_WORDS) {
+            input.read_exact(&mut page).map_err(|e| e.to_string())?;
+            for (word, value) in words.iter().zip(page.chunks_exact(8)) {
                 // Relaxed: nothing else touches this memory.
                 word.store(
                     u64::from_le_bytes(value.try_into().expect("8 bytes")),
@@ -293,7 +295,7 @@ fn plain_copy(ram: &GuestMemory, transport: Transport) -> Result<Duration, Strin
     });
     let mut conn = address.connect(TIMEOUT).map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; stream::WRITE_BUFFER];
     for chunk in ram.words().chunks(buf.len() / 8) {
         let bytes = &mut buf[..chunk.len() * 8];
         for (value, word) in bytes.chunks_exact_mut(8).zip(chunk) {
