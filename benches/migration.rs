@@ -4,7 +4,7 @@
 //! - `throughput`: a 1 GiB guest, idle (every page zero) and fully written (a writer over all
 //!   of it, paused after its first pass), migrated with `max-bandwidth` at its maximum, beside
 //!   a plain copy of the same RAM over the same kind of socket into fresh memory, in the same
-//!   run, the fastest of four rounds each (target: the written guest's migration at least 70 %
+//!   run, the fastest of several rounds each (target: the written guest's migration at least 70 %
 //!   of the copy's throughput);
 //! - `downtime`: a guest whose writer runs at 64 MiB/s, migrated unthrottled with the default
 //!   300 ms downtime limit to a destination that boots and resumes it: source pause to
