@@ -262,8 +262,8 @@ pub fn throughput(
 }
 
 /// Migrations and copies timed per throughput row; the fastest of each counts (a shared
-/// host's noise only ever adds time). With four, eight runs put the TCP row at 63-89 %, as one
-/// or the other missed its floor; with eight, 63-67 % over three runs.
+/// host's noise only ever adds time). With four, eight runs put the TCP row at 63-89 % (median
+/// 71 %), as one or the other missed its floor; with eight, 63-82 % (median 67 %) over seven.
 const THROUGHPUT_ROUNDS: usize = 8;
 
 /// Copies `ram` over a fresh socket of `transport` into fresh memory on another thread, the
