@@ -354,10 +354,9 @@ pub(super) fn forecast_ms(
     // fits under the threshold beside what the last window left: half a window's bytes.
     let settle = bandwidth * window.as_secs_f64() / 2.0;
     let ratio = dirty_rate / bandwidth;
+    // (A find over `settle` means the guest dirties: 0 < ratio < 1.)
     let syncs = if found <= settle {
         0.0
-    } else if ratio <= 0.0 {
-        1.0
     } else {
         ((found / settle).ln() / (1.0 / ratio).ln()).ceil()
     };
